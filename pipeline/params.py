@@ -1,0 +1,126 @@
+"""Typed, frozen views of ``params.yaml``: one dataclass per section, one strict loader.
+
+The loader rejects unknown keys and wrong types and names the offending key, so a typo
+in ``params.yaml`` fails the stage instead of silently falling back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pipeline.errors import StageError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParams:
+    source: Literal["digits", "cifar10", "imagefolder"] = "digits"
+    path: str | None = None  # archive (cifar10) or root directory (imagefolder)
+    image_size: int | None = None  # square resize; None keeps the native size
+    channels: Literal[1, 3] | None = None  # None keeps the source's channel count
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2  # used only when the source has no test split
+    max_per_class: int | None = None  # cap per class and split, for quick runs
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelParams:
+    name: Literal["seed_cnn", "resnet", "mlp"] = "seed_cnn"
+    width: int = 32  # resnet: channels of the first stage
+    hidden: tuple[int, ...] = (256, 128)  # mlp: hidden layer sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainParams:
+    epochs: int = 10
+    batch_size: int = 64
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 0.0
+    schedule: Literal["constant", "cosine", "onecycle"] = "onecycle"
+    label_smoothing: float = 0.0
+    augment: bool = False  # random translation by up to 2 pixels
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int = 256
+
+
+def load_params(section: str, cls: type[T], path: Path = DEFAULT_PARAMS) -> T:
+    """Load one section of ``params.yaml`` into ``cls``, strictly."""
+    import yaml
+
+    if not path.is_file():
+        raise StageError(f"params file {path} not found")
+    try:
+        document = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise StageError(f"params file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(document, dict):
+        raise StageError(f"params file {path} must be a mapping of sections")
+    return from_mapping(cls, document.get(section) or {}, prefix=section)
+
+
+def from_mapping(cls: type[T], values: Any, prefix: str) -> T:
+    """Build ``cls`` from a mapping, naming the first unknown key or mistyped value."""
+    if not isinstance(values, dict):
+        raise StageError(f"params: {prefix} must be a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise StageError(
+            f"params: unknown key {prefix}.{unknown[0]} (known keys: {', '.join(sorted(fields))})"
+        )
+    hints = typing.get_type_hints(cls)
+    converted = {
+        name: _coerce(value, hints[name], f"{prefix}.{name}") for name, value in values.items()
+    }
+    return cls(**converted)
+
+
+def as_dict(params: Any) -> dict[str, Any]:
+    """Plain-data form of a params dataclass (for checkpoints and reports)."""
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(params).items()
+    }
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise StageError(f"params: {key} must be one of {choices}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise StageError(f"params: {key} must be a list, got {value!r}")
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    return _coerce_scalar(value, hint, key)
+
+
+def _coerce_scalar(value: Any, hint: type, key: str) -> Any:
+    # bool is an int subclass in Python, but `epochs: true` is a typo, not a number.
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise StageError(f"params: {key} must be {hint.__name__}, got {value!r}")

@@ -1,0 +1,129 @@
+"""prepare stage: raw source -> stratified, seeded train/val/test uint8 arrays + meta.json."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+
+from pipeline.artifacts import atomic_path, write_json
+from pipeline.dataset import DEFAULT_DIR, SPLITS, Meta
+from pipeline.errors import StageError, exit_on_stage_error
+from pipeline.params import DEFAULT_PARAMS, DataParams, as_dict, load_params
+from pipeline.sources import RawData, load_source
+
+
+def prepare(params: DataParams, out: Path = DEFAULT_DIR) -> Meta:
+    """Load the configured source, split it and write ``out`` atomically."""
+    raw = load_source(params)
+    splits = split_data(raw, params)
+    splits = {name: _cap_per_class(x, y, params.max_per_class) for name, (x, y) in splits.items()}
+    _check_every_class_present(splits, raw.class_names)
+    meta = _describe(splits, raw.class_names, params)
+    with atomic_path(Path(out)) as tmp:
+        tmp.mkdir()
+        for name, (x, y) in splits.items():
+            np.savez(tmp / f"{name}.npz", x=x, y=y)
+        write_json(tmp / "meta.json", meta.to_json())
+    return meta
+
+
+def split_data(raw: RawData, params: DataParams) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Use the source's own splits where it has them; carve the rest out, stratified."""
+    splits = dict(raw.splits)
+    if "all" in splits:
+        pool = splits.pop("all")
+        splits["train"], splits["test"] = _stratified(pool, params.test_fraction, params.seed)
+    if "val" not in splits:
+        splits["train"], splits["val"] = _stratified(
+            splits["train"], params.val_fraction, params.seed
+        )
+    return {name: splits[name] for name in SPLITS}
+
+
+def _stratified(
+    data: tuple[np.ndarray, np.ndarray], fraction: float, seed: int
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    from sklearn.model_selection import train_test_split
+
+    if not 0.0 < fraction < 1.0:
+        raise StageError(f"split fractions must be between 0 and 1, got {fraction}")
+    x, y = data
+    try:
+        x_keep, x_held, y_keep, y_held = train_test_split(
+            x, y, test_size=fraction, stratify=y, random_state=seed
+        )
+    except ValueError as exc:
+        raise StageError(f"cannot split {len(y)} images stratified by class: {exc}") from None
+    return (x_keep, y_keep), (x_held, y_held)
+
+
+def _cap_per_class(
+    x: np.ndarray, y: np.ndarray, cap: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    if cap is None:
+        return x, y
+    keep = np.concatenate([np.flatnonzero(y == label)[:cap] for label in np.unique(y)])
+    keep.sort()
+    return x[keep], y[keep]
+
+
+def _check_every_class_present(
+    splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names: tuple[str, ...]
+) -> None:
+    for name, (_, y) in splits.items():
+        present = set(np.unique(y).tolist())
+        for label, class_name in enumerate(class_names):
+            if label not in present:
+                raise StageError(f"class {class_name!r} is in train but not in {name}")
+
+
+def _describe(
+    splits: dict[str, tuple[np.ndarray, np.ndarray]],
+    class_names: tuple[str, ...],
+    params: DataParams,
+) -> Meta:
+    x_train = splits["train"][0]
+    scaled = x_train.astype(np.float64) / 255.0
+    mean = scaled.mean(axis=(0, 2, 3))
+    std = np.maximum(scaled.std(axis=(0, 2, 3)), 1e-6)  # a constant channel must not divide by 0
+    digest = hashlib.sha256(repr(class_names).encode())
+    for name in SPLITS:
+        x, y = splits[name]
+        digest.update(np.ascontiguousarray(x).tobytes())
+        digest.update(np.ascontiguousarray(y, dtype=np.int64).tobytes())
+    return Meta(
+        class_names=class_names,
+        input_shape=tuple(int(d) for d in x_train.shape[1:]),  # type: ignore[arg-type]
+        mean=tuple(round(float(m), 6) for m in mean),
+        std=tuple(round(float(s), 6) for s in std),
+        split_sizes={name: int(len(splits[name][1])) for name in SPLITS},
+        fingerprint=digest.hexdigest(),
+        source=as_dict(params),
+    )
+
+
+@exit_on_stage_error
+def command(
+    params_file: Annotated[
+        Path, typer.Option("--params", help="params.yaml to read the `data` section from.")
+    ] = DEFAULT_PARAMS,
+    out: Annotated[
+        Path, typer.Option(help="Directory for {train,val,test}.npz and meta.json.")
+    ] = DEFAULT_DIR,
+) -> None:
+    """Prepare the data set: load the source, split it stratified, write uint8 arrays."""
+    meta = prepare(load_params("data", DataParams, params_file), out)
+    sizes = ", ".join(f"{k} {v}" for k, v in meta.split_sizes.items())
+    typer.echo(f"prepared {len(meta.class_names)} classes, shape {meta.input_shape}: {sizes}")
+
+
+def main() -> None:
+    typer.run(command)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""Data sources for the prepare stage: each returns uint8 NCHW images with class labels.
+
+A source yields either ready-made splits (``train``/``test``, sometimes ``val``) or one
+pool (``all``) that the prepare stage splits itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import tarfile
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import StageError
+from pipeline.params import DataParams
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_CACHE = Path.home() / ".cache" / "tensorferry" / "cifar-10-python.tar.gz"
+
+
+@dataclass(frozen=True)
+class RawData:
+    class_names: tuple[str, ...]
+    splits: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (x uint8 NCHW, y int64)
+
+
+def load_source(params: DataParams) -> RawData:
+    loaders: dict[str, Callable[[DataParams], RawData]] = {
+        "digits": load_digits,
+        "cifar10": load_cifar10,
+        "imagefolder": load_imagefolder,
+    }
+    return loaders[params.source](params)
+
+
+# ---------------------------------------------------------------- digits
+
+
+def load_digits(params: DataParams) -> RawData:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, values 0..16)."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    pixels = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None, :, :]
+    x = conform(pixels, params.channels, params.image_size)
+    names = tuple(str(n) for n in bunch.target_names)
+    return RawData(names, {"all": (x, bunch.target.astype(np.int64))})
+
+
+# ---------------------------------------------------------------- cifar10
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """CIFAR-10 ships pickles; allow only the numpy reconstruction they need, no code."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle protocol
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_cifar_member(archive: tarfile.TarFile, name: str) -> dict:
+    try:
+        member = archive.extractfile(f"cifar-10-batches-py/{name}")
+    except KeyError:
+        raise StageError(f"CIFAR-10 archive lacks cifar-10-batches-py/{name}") from None
+    assert member is not None
+    try:
+        return _ArrayOnlyUnpickler(io.BytesIO(member.read()), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise StageError(f"CIFAR-10 member {name} is corrupt: {exc}") from None
+
+
+def _cifar_batch(archive: tarfile.TarFile, name: str) -> tuple[np.ndarray, np.ndarray]:
+    batch = _read_cifar_member(archive, name)
+    data = np.asarray(batch[b"data"], dtype=np.uint8)
+    return data.reshape(-1, 3, 32, 32), np.asarray(batch[b"labels"], dtype=np.int64)
+
+
+def load_cifar10(params: DataParams) -> RawData:
+    """The official python archive: data_batch_1..5 are train, test_batch is test."""
+    path = Path(params.path) if params.path else download_cifar10()
+    if not path.is_file():
+        raise StageError(f"data.path {path} not found (expected cifar-10-python.tar.gz)")
+    try:
+        with tarfile.open(path, "r:gz") as archive:
+            meta = _read_cifar_member(archive, "batches.meta")
+            train = [_cifar_batch(archive, f"data_batch_{i}") for i in range(1, 6)]
+            test = _cifar_batch(archive, "test_batch")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise StageError(f"{path} is not a readable .tar.gz archive: {exc}") from None
+    names = tuple(n.decode() for n in meta[b"label_names"])
+    x_train = np.concatenate([x for x, _ in train])
+    y_train = np.concatenate([y for _, y in train])
+    return RawData(
+        names,
+        {
+            "train": (conform(x_train, params.channels, params.image_size), y_train),
+            "test": (conform(test[0], params.channels, params.image_size), test[1]),
+        },
+    )
+
+
+def md5_file(path: Path) -> str:
+    digest = hashlib.md5()  # the checksum CIFAR-10's authors publish
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download_cifar10(target: Path = CIFAR10_CACHE) -> Path:
+    """Fetch the archive once into the user cache and verify the published MD5."""
+    if target.is_file() and md5_file(target) == CIFAR10_MD5:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".part")
+    try:
+        urllib.request.urlretrieve(CIFAR10_URL, partial)
+    except OSError as exc:
+        raise StageError(
+            f"cannot download CIFAR-10 from {CIFAR10_URL} ({exc}); "
+            "download it yourself and set data.path"
+        ) from None
+    actual = md5_file(partial)
+    if actual != CIFAR10_MD5:
+        partial.unlink()
+        raise StageError(f"CIFAR-10 download has MD5 {actual}, expected {CIFAR10_MD5}")
+    partial.replace(target)
+    return target
+
+
+# ---------------------------------------------------------------- imagefolder
+
+
+def load_imagefolder(params: DataParams) -> RawData:
+    """ROOT/<split>/<class>/*.png|jpg when ROOT/train exists, else ROOT/<class>/*."""
+    if not params.path:
+        raise StageError("data.path must name the image folder root for source imagefolder")
+    root = Path(params.path)
+    if not root.is_dir():
+        raise StageError(f"data.path {root} is not a directory")
+    split_dirs = {s: root / s for s in ("train", "val", "test") if (root / s).is_dir()}
+    if "train" in split_dirs and "test" not in split_dirs:
+        raise StageError(f"{root} has a train/ folder but no test/ folder")
+    split_dirs = split_dirs or {"all": root}
+    class_names = _class_names(split_dirs)
+    decoder = _ImageDecoder(params.channels, params.image_size)
+    splits = {
+        split: _read_class_folders(folder, class_names, decoder)
+        for split, folder in split_dirs.items()
+    }
+    return RawData(class_names, splits)
+
+
+def _class_names(split_dirs: dict[str, Path]) -> tuple[str, ...]:
+    per_split = {
+        split: sorted(p.name for p in folder.iterdir() if p.is_dir())
+        for split, folder in split_dirs.items()
+    }
+    reference_split = "train" if "train" in per_split else "all"
+    names = per_split[reference_split]
+    if not names:
+        raise StageError(f"{split_dirs[reference_split]} has no class folders")
+    for split, found in per_split.items():
+        for missing in sorted(set(names) - set(found)):
+            raise StageError(f"class {missing!r} is in {reference_split} but not in {split}")
+        for extra in sorted(set(found) - set(names)):
+            raise StageError(f"class {extra!r} is in {split} but not in {reference_split}")
+    return tuple(names)
+
+
+def _read_class_folders(
+    folder: Path, class_names: tuple[str, ...], decoder: _ImageDecoder
+) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = [], []
+    for label, name in enumerate(class_names):
+        files = sorted(
+            p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not files:
+            raise StageError(f"class folder {folder / name} has no PNG or JPEG images")
+        images += [decoder(p) for p in files]
+        labels += [label] * len(files)
+    return np.stack(images), np.asarray(labels, dtype=np.int64)
+
+
+class _ImageDecoder:
+    """Decode one file to uint8 CHW with one channel count and size for the whole set."""
+
+    def __init__(self, channels: int | None, size: int | None) -> None:
+        self.channels = channels
+        self.resize = size is not None
+        self.size: tuple[int, int] | None = (size, size) if size else None
+
+    def __call__(self, path: Path) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as image:
+                image.load()
+                if self.channels is None:
+                    self.channels = 1 if image.mode in ("1", "L", "I", "I;16", "F") else 3
+                converted = image.convert("L" if self.channels == 1 else "RGB")
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise StageError(f"cannot decode image {path}: {exc}") from None
+        self.size = self.size or converted.size
+        if converted.size != self.size:
+            if not self.resize:
+                raise StageError(
+                    f"image {path} is {converted.size[0]}x{converted.size[1]}, others are "
+                    f"{self.size[0]}x{self.size[1]}; set data.image_size to resize"
+                )
+            converted = converted.resize(self.size, Image.Resampling.BILINEAR)
+        pixels = np.asarray(converted, dtype=np.uint8)
+        return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+# ---------------------------------------------------------------- shared
+
+
+def conform(x: np.ndarray, channels: int | None, size: int | None) -> np.ndarray:
+    """Convert uint8 NCHW images to the configured channel count and square size."""
+    n, c, h, w = x.shape
+    target_c = channels or c
+    if target_c == c and (size is None or (h, w) == (size, size)):
+        return x
+    from PIL import Image
+
+    mode_in = "L" if c == 1 else "RGB"
+    mode_out = "L" if target_c == 1 else "RGB"
+    out = np.empty((n, target_c, size or h, size or w), dtype=np.uint8)
+    for i in range(n):
+        pixels = x[i, 0] if c == 1 else x[i].transpose(1, 2, 0)
+        image = Image.fromarray(pixels, mode_in).convert(mode_out)
+        if size is not None:
+            image = image.resize((size, size), Image.Resampling.BILINEAR)
+        arr = np.asarray(image, dtype=np.uint8)
+        out[i] = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return out
