@@ -27,3 +27,12 @@ def exit_on_stage_error(fn: Callable[P, R]) -> Callable[P, R]:
             raise SystemExit(1) from None
 
     return wrapper
+
+
+def run_command(command: Callable[..., None]) -> None:
+    """Run one typer command as a script (``python -m pipeline.<stage>``)."""
+    import typer
+
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(command)
+    app()

@@ -124,3 +124,32 @@ def _coerce_scalar(value: Any, hint: type, key: str) -> Any:
     if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
     raise StageError(f"params: {key} must be {hint.__name__}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportParams:
+    # 17-20: ONNX Runtime static int8 quantization fails at opset >= 21, and torch's dynamo
+    # exporter emits 18 natively (17 goes through the version converter).
+    opset: int = 18
+    variants: tuple[Literal["fp32", "int8", "fp16"], ...] = ("fp32", "int8", "fp16")
+    max_accuracy_drop: float = 1.0  # percentage points of test accuracy, per variant vs fp32
+    parity_atol: float = 1e-4  # max |logit diff| between PyTorch and the fp32 ONNX model
+    calibration_samples: int = 512  # int8: images drawn from the train split
+    calibration_seed: int = 0
+    batch_size: int = 256  # for parity and accuracy runs
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineParams:
+    # Never guessed from the host: DVC caches outputs by params, and a machine-dependent
+    # choice behind unchanged params would let it serve one host's artifact to another.
+    target: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    min_batch: int = 1  # tensorrt: optimisation profile of the batch dimension
+    opt_batch: int = 32
+    max_batch: int = 64
+    workspace_mib: int = 1024  # tensorrt: builder memory-pool limit
+    hardware_compatibility: Literal["none", "ampere_plus", "same_compute_capability"] = "none"
+    version_compatible: bool = False  # tensorrt: plan runs on later TensorRT of this major
+    timing_cache: str | None = ".cache/tensorrt"  # tensorrt: directory; None disables it
+    threads: int = 0  # onnxruntime: intra-op threads for the accuracy run (0 = all cores)

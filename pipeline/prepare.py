@@ -11,7 +11,7 @@ import typer
 
 from pipeline.artifacts import atomic_path, write_json
 from pipeline.dataset import DEFAULT_DIR, SPLITS, Meta
-from pipeline.errors import StageError, exit_on_stage_error
+from pipeline.errors import StageError, exit_on_stage_error, run_command
 from pipeline.params import DEFAULT_PARAMS, DataParams, as_dict, load_params
 from pipeline.sources import RawData, load_source
 
@@ -122,7 +122,7 @@ def command(
 
 
 def main() -> None:
-    typer.run(command)
+    run_command(command)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,253 @@
+"""train stage: fit the configured model on the prepared train split, log curves, checkpoint.
+
+The whole data set lives on the training device as uint8 when it fits, batches are
+drawn with a seeded generator, and on CPU the run is deterministic: the same params
+and data give the same weights and metrics. On CUDA the step runs in bf16 autocast
+with channels_last tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from torch import nn
+from torch.nn import functional as F
+
+from pipeline.artifacts import atomic_path, params_hash
+from pipeline.checkpoint import Checkpoint, save_checkpoint
+from pipeline.dataset import DEFAULT_DIR, Meta, Split, load_meta, load_split
+from pipeline.errors import StageError, exit_on_stage_error, run_command
+from pipeline.models import Classifier, ModelSpec
+from pipeline.params import DEFAULT_PARAMS, ModelParams, TrainParams, as_dict, load_params
+
+DEFAULT_CHECKPOINT = Path("models/checkpoint.pt")
+DEFAULT_LIVE_DIR = Path("dvclive")
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    images_per_s: float
+
+
+# ---------------------------------------------------------------- setup
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise StageError("train.device is cuda but no CUDA GPU is visible to torch")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def _to_device(split: Split, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = torch.from_numpy(split.x), torch.from_numpy(split.y)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if x.numel() > free // 2:  # leave room for activations; stream batches instead
+            return x.pin_memory(), y.pin_memory()
+    return x.to(device), y.to(device)
+
+
+def build_optimizer(model: nn.Module, params: TrainParams) -> torch.optim.Optimizer:
+    if params.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=params.lr,
+            momentum=params.momentum,
+            nesterov=True,
+            weight_decay=params.weight_decay,
+        )
+    factory = torch.optim.AdamW if params.optimizer == "adamw" else torch.optim.Adam
+    return factory(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+
+
+def build_schedule(
+    optimizer: torch.optim.Optimizer, params: TrainParams, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    if params.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=params.lr, total_steps=total_steps, pct_start=0.25
+        )
+    if params.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def random_translate(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """Shift each image by up to ``pad`` pixels in each direction (zero fill)."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad)).permute(0, 2, 3, 1)
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=generator, device=x.device)
+    rows = dy[:, None] + torch.arange(h, device=x.device)
+    cols = dx[:, None] + torch.arange(w, device=x.device)
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    return padded[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+# ---------------------------------------------------------------- training
+
+
+class Trainer:
+    def __init__(self, meta: Meta, model_params: ModelParams, params: TrainParams) -> None:
+        self.params = params
+        self.device = pick_device(params.device)
+        torch.manual_seed(params.seed)
+        if self.device.type == "cpu":
+            torch.use_deterministic_algorithms(True)
+        self.spec = ModelSpec(
+            name=model_params.name,
+            input_shape=meta.input_shape,
+            num_classes=len(meta.class_names),
+            width=model_params.width,
+            hidden=model_params.hidden,
+        )
+        self.model = Classifier(self.spec, meta.mean, meta.std).to(self.device)
+        self.cuda = self.device.type == "cuda"
+        if self.cuda:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=params.label_smoothing)
+
+    def _batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if self.cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
+            return self.model(x).float()
+
+    def fit(self, train: Split, val: Split, on_epoch) -> None:  # noqa: ANN001 - callback
+        x_train, y_train = _to_device(train, self.device)
+        x_val, y_val = _to_device(val, self.device)
+        steps_per_epoch = math.ceil(len(y_train) / self.params.batch_size)
+        optimizer = build_optimizer(self.model, self.params)
+        schedule = build_schedule(optimizer, self.params, steps_per_epoch * self.params.epochs)
+        for epoch in range(1, self.params.epochs + 1):
+            started = time.perf_counter()
+            loss, acc = self._train_epoch(x_train, y_train, optimizer, schedule, epoch)
+            elapsed = time.perf_counter() - started
+            val_loss, val_acc = self.evaluate(x_val, y_val)
+            on_epoch(epoch, EpochStats(loss, acc, val_loss, val_acc, len(y_train) / elapsed))
+
+    def _train_epoch(self, x, y, optimizer, schedule, epoch: int) -> tuple[float, float]:  # noqa: ANN001
+        from tqdm import tqdm
+
+        self.model.train()
+        order = torch.randperm(len(y), generator=self.generator, device=self.device).cpu()
+        batches = order.split(self.params.batch_size)
+        total_loss, correct = 0.0, 0
+        bar = tqdm(batches, desc=f"epoch {epoch}/{self.params.epochs}", unit="batch", leave=False)
+        for index in bar:
+            xb, yb = self._batch(x[index], y[index])
+            if self.params.augment:
+                xb = random_translate(xb, self.generator)
+            logits = self._forward(xb)
+            loss = self.loss_fn(logits, yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total_loss += loss.item() * len(yb)
+            correct += int((logits.argmax(1) == yb).sum())
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        return total_loss / len(y), correct / len(y)
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        self.model.eval()
+        total_loss, correct = 0.0, 0
+        for start in range(0, len(y), 512):
+            xb, yb = self._batch(x[start : start + 512], y[start : start + 512])
+            logits = self._forward(xb)
+            total_loss += float(F.cross_entropy(logits, yb, reduction="sum"))
+            correct += int((logits.argmax(1) == yb).sum())
+        return total_loss / len(y), correct / len(y)
+
+
+def train(
+    model_params: ModelParams,
+    params: TrainParams,
+    data_dir: Path = DEFAULT_DIR,
+    checkpoint_path: Path = DEFAULT_CHECKPOINT,
+    live_dir: Path = DEFAULT_LIVE_DIR,
+) -> list[EpochStats]:
+    """Train, log every epoch with dvclive, and write the checkpoint; all atomically."""
+    from dvclive import Live
+
+    meta = load_meta(data_dir)
+    train_split, val_split = load_split("train", data_dir), load_split("val", data_dir)
+    trainer = Trainer(meta, model_params, params)
+    history: list[EpochStats] = []
+    with atomic_path(live_dir) as tmp_live:
+        with Live(dir=str(tmp_live), save_dvc_exp=False, dvcyaml=False, report=None) as live:
+
+            def on_epoch(epoch: int, stats: EpochStats) -> None:
+                history.append(stats)
+                for name in ("train_loss", "train_acc", "val_loss", "val_acc"):
+                    split, metric = name.split("_")
+                    live.log_metric(f"{split}/{metric}", round(getattr(stats, name), 6))
+                live.next_step()
+                typer.echo(
+                    f"epoch {epoch}/{params.epochs}: train loss {stats.train_loss:.4f} "
+                    f"acc {stats.train_acc:.4f} | val loss {stats.val_loss:.4f} "
+                    f"acc {stats.val_acc:.4f} | {stats.images_per_s:,.0f} img/s",
+                    err=True,
+                )
+
+            trainer.fit(train_split, val_split, on_epoch)
+        resolved = {"model": as_dict(model_params), "train": as_dict(params)}
+        save_checkpoint(
+            Checkpoint(
+                spec=trainer.spec,
+                class_names=meta.class_names,
+                mean=meta.mean,
+                std=meta.std,
+                state_dict=trainer.model.state_dict(),
+                data_fingerprint=meta.fingerprint,
+                params=resolved,
+                params_hash=params_hash({**resolved, "data": meta.fingerprint}),
+            ),
+            checkpoint_path,
+        )
+    return history
+
+
+@exit_on_stage_error
+def command(
+    params_file: Annotated[
+        Path, typer.Option("--params", help="params.yaml to read `model` and `train` from.")
+    ] = DEFAULT_PARAMS,
+    data_dir: Annotated[Path, typer.Option(help="Prepared data directory.")] = DEFAULT_DIR,
+    checkpoint: Annotated[
+        Path, typer.Option(help="Where to write the checkpoint.")
+    ] = DEFAULT_CHECKPOINT,
+    live_dir: Annotated[
+        Path, typer.Option(help="dvclive directory for per-epoch metrics.")
+    ] = DEFAULT_LIVE_DIR,
+) -> None:
+    """Train the configured model and write a weights-only checkpoint."""
+    model_params = load_params("model", ModelParams, params_file)
+    train_params = load_params("train", TrainParams, params_file)
+    history = train(model_params, train_params, data_dir, checkpoint, live_dir)
+    typer.echo(f"trained {model_params.name}: val acc {history[-1].val_acc:.4f} -> {checkpoint}")
+
+
+def main() -> None:
+    run_command(command)
+
+
+if __name__ == "__main__":
+    main()
