@@ -62,6 +62,7 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
     """CIFAR-10 ships pickles; allow only the numpy reconstruction they need, no code."""
 
     ALLOWED = {
+        ("_codecs", "encode"),  # Python 3 protocol-2 pickles spell bytes this way
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),

@@ -1,0 +1,57 @@
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+
+def test_every_stage_is_a_subcommand_with_help():
+    runner = CliRunner()
+    listing = runner.invoke(app, ["--help"])
+    assert listing.exit_code == 0
+    for stage in ("prepare", "train", "evaluate"):
+        assert stage in listing.output
+        assert runner.invoke(app, [stage, "--help"]).exit_code == 0
+
+
+def test_prepare_via_cli_writes_the_data(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  max_per_class: 3\n")
+    result = CliRunner().invoke(
+        app, ["prepare", "--params", str(params), "--out", str(tmp_path / "out")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "prepared 10 classes" in result.output
+    assert (tmp_path / "out" / "meta.json").is_file()
+
+
+def test_bad_params_give_one_line_and_exit_1(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  source: mnist\n")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.prepare", "--params", str(params), "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: params: data.source must be one of 'digits', 'cifar10', 'imagefolder', "
+        "got 'mnist'"
+    ]
+    assert not out.exists()
+
+
+def test_missing_inputs_give_one_line_and_exit_1(tmp_path):
+    (tmp_path / "params.yaml").write_text("train:\n  epochs: 1\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.train", "--data-dir", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'none' / 'meta.json'} not found; run the prepare stage first"
+    ]

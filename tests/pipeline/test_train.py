@@ -1,0 +1,87 @@
+import json
+
+import pytest
+import torch
+
+from pipeline.checkpoint import load_checkpoint
+from pipeline.params import ModelParams, TrainParams
+from pipeline.train import random_translate, train
+
+QUICK = TrainParams(epochs=3, batch_size=16, lr=3e-3, augment=True, seed=3)
+
+
+def run(tmp_path, prepared_dir, model=ModelParams(), params=QUICK, tag="run"):
+    history = train(
+        model, params, prepared_dir, tmp_path / tag / "checkpoint.pt", tmp_path / tag / "live"
+    )
+    return history, tmp_path / tag
+
+
+def test_training_learns_and_writes_a_weights_only_checkpoint(tmp_path, prepared_dir):
+    history, out = run(tmp_path, prepared_dir)
+    assert len(history) == 3
+    assert history[-1].val_acc >= 0.9  # the bars are easy to tell apart
+    payload = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert payload["class_names"] == ["cat", "dog", "owl"]
+    assert payload["model"]["name"] == "seed_cnn"
+    assert payload["params"]["train"]["epochs"] == 3
+    assert len(payload["normalization"]["mean"]) == 1
+    checkpoint = load_checkpoint(out / "checkpoint.pt")
+    assert checkpoint.build().preprocess.mean.shape == (1, 1, 1, 1)
+
+
+def test_dvclive_logs_every_epoch(tmp_path, prepared_dir):
+    _, out = run(tmp_path, prepared_dir, params=TrainParams(epochs=2, batch_size=32))
+    rows = (out / "live" / "plots" / "metrics" / "val" / "acc.tsv").read_text().splitlines()
+    assert rows[0] == "step\tacc" and len(rows) == 3
+    summary = json.loads((out / "live" / "metrics.json").read_text())
+    assert set(summary) == {"train", "val", "step"}
+
+
+def test_cpu_training_is_deterministic(tmp_path, prepared_dir):
+    params = TrainParams(epochs=2, batch_size=16, augment=True, seed=5)
+    first, out_a = run(tmp_path, prepared_dir, params=params, tag="a")
+    second, out_b = run(tmp_path, prepared_dir, params=params, tag="b")
+    assert [(h.train_loss, h.val_loss, h.val_acc) for h in first] == [
+        (h.train_loss, h.val_loss, h.val_acc) for h in second
+    ]
+    a, b = load_checkpoint(out_a / "checkpoint.pt"), load_checkpoint(out_b / "checkpoint.pt")
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+    assert (out_a / "live" / "metrics.json").read_bytes() == (
+        out_b / "live" / "metrics.json"
+    ).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("model", "params"),
+    [
+        (ModelParams(name="mlp", hidden=(32,)), TrainParams(epochs=1, optimizer="sgd", lr=0.05)),
+        (
+            ModelParams(name="resnet", width=4),
+            TrainParams(epochs=1, optimizer="adamw", schedule="cosine", label_smoothing=0.1),
+        ),
+    ],
+)
+def test_other_models_and_optimizers_train(tmp_path, prepared_dir, model, params):
+    history, out = run(tmp_path, prepared_dir, model=model, params=params)
+    assert history[0].train_loss > 0
+    assert load_checkpoint(out / "checkpoint.pt").spec.name == model.name
+
+
+def test_random_translate_shifts_without_changing_content():
+    x = torch.zeros(64, 1, 8, 8, dtype=torch.uint8)
+    x[:, :, 3:5, 3:5] = 200
+    shifted = random_translate(x, torch.Generator().manual_seed(0))
+    assert shifted.shape == x.shape and shifted.dtype == torch.uint8
+    assert (shifted.sum(dim=(1, 2, 3)) == x.sum(dim=(1, 2, 3))).all()  # a 2px shift keeps it in
+    assert not torch.equal(shifted, x)
+
+
+def test_cuda_request_without_gpu_is_clear(tmp_path, prepared_dir):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    from pipeline.errors import StageError
+
+    with pytest.raises(StageError, match="no CUDA GPU"):
+        run(tmp_path, prepared_dir, params=TrainParams(device="cuda"))
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
