@@ -61,9 +61,7 @@ def _stratified(
     return (x_keep, y_keep), (x_held, y_held)
 
 
-def _cap_per_class(
-    x: np.ndarray, y: np.ndarray, cap: int | None
-) -> tuple[np.ndarray, np.ndarray]:
+def _cap_per_class(x: np.ndarray, y: np.ndarray, cap: int | None) -> tuple[np.ndarray, np.ndarray]:
     if cap is None:
         return x, y
     keep = np.concatenate([np.flatnonzero(y == label)[:cap] for label in np.unique(y)])

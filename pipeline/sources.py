@@ -191,9 +191,7 @@ def _read_class_folders(
 ) -> tuple[np.ndarray, np.ndarray]:
     images, labels = [], []
     for label, name in enumerate(class_names):
-        files = sorted(
-            p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
-        )
+        files = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise StageError(f"class folder {folder / name} has no PNG or JPEG images")
         images += [decoder(p) for p in files]

@@ -26,7 +26,9 @@ def test_digits_default_is_stratified_and_described(tmp_path):
     counts = np.bincount(test.y, minlength=10)
     assert counts.min() >= 35 and counts.max() <= 37  # stratified: ~36 per class
     assert 0.0 < meta.mean[0] < 1.0 and meta.std[0] > 0.0
-    assert json.loads((tmp_path / "out" / "meta.json").read_text())["fingerprint"] == meta.fingerprint
+    assert (
+        json.loads((tmp_path / "out" / "meta.json").read_text())["fingerprint"] == meta.fingerprint
+    )
 
 
 def test_same_params_same_fingerprint_other_seed_other_split(tmp_path):
@@ -39,7 +41,9 @@ def test_same_params_same_fingerprint_other_seed_other_split(tmp_path):
 def test_imagefolder_with_splits_converts_channels_and_size(tmp_path):
     root = write_imagefolder(tmp_path / "img", per_class=10, size=20)
     meta = prepare(
-        DataParams(source="imagefolder", path=str(root), channels=3, image_size=24, val_fraction=0.2),
+        DataParams(
+            source="imagefolder", path=str(root), channels=3, image_size=24, val_fraction=0.2
+        ),
         tmp_path / "out",
     )
     assert meta.class_names == ("cat", "dog", "owl")

@@ -10,7 +10,8 @@ from pipeline.train import random_translate, train
 QUICK = TrainParams(epochs=3, batch_size=16, lr=3e-3, augment=True, seed=3)
 
 
-def run(tmp_path, prepared_dir, model=ModelParams(), params=QUICK, tag="run"):
+def run(tmp_path, prepared_dir, model=None, params=QUICK, tag="run"):
+    model = model or ModelParams()
     history = train(
         model, params, prepared_dir, tmp_path / tag / "checkpoint.pt", tmp_path / tag / "live"
     )
