@@ -86,3 +86,32 @@ def test_cuda_request_without_gpu_is_clear(tmp_path, prepared_dir):
     with pytest.raises(StageError, match="no CUDA GPU"):
         run(tmp_path, prepared_dir, params=TrainParams(device="cuda"))
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_killed_training_leaves_no_output(tmp_path, prepared_dir):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "params.yaml").write_text("train:\n  epochs: 500\n  batch_size: 8\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train", "--data-dir", str(prepared_dir)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".dvclive.*.tmp/dvclive/metrics.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, "training never started"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "dvclive").exists()
+    assert not (tmp_path / "models" / "checkpoint.pt").exists()
+    # The next run sweeps the dead run's temporary directory away.
+    train(
+        ModelParams(), TrainParams(epochs=1), prepared_dir, tmp_path / "c.pt", tmp_path / "dvclive"
+    )
+    assert not list(tmp_path.glob(".dvclive.*.tmp"))
+    assert (tmp_path / "dvclive" / "metrics.json").is_file()
