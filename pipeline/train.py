@@ -22,6 +22,7 @@ from torch.nn import functional as F
 from pipeline.artifacts import atomic_path, params_hash
 from pipeline.checkpoint import Checkpoint, save_checkpoint
 from pipeline.dataset import DEFAULT_DIR, Meta, Split, load_meta, load_split
+from pipeline.distributed import World, all_sum, process_group, shard_batches, world_from_env
 from pipeline.errors import StageError, exit_on_stage_error, run_command
 from pipeline.models import Classifier, ModelSpec
 from pipeline.params import DEFAULT_PARAMS, ModelParams, TrainParams, as_dict, load_params
@@ -42,12 +43,13 @@ class EpochStats:
 # ---------------------------------------------------------------- setup
 
 
-def pick_device(requested: str) -> torch.device:
+def pick_device(requested: str, world: World) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise StageError("train.device is cuda but no CUDA GPU is visible to torch")
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+    if requested == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    torch.cuda.set_device(world.local_rank)
+    return torch.device("cuda", world.local_rank)
 
 
 def _to_device(split: Split, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,9 +101,12 @@ def random_translate(x: torch.Tensor, generator: torch.Generator, pad: int = 2) 
 
 
 class Trainer:
-    def __init__(self, meta: Meta, model_params: ModelParams, params: TrainParams) -> None:
+    def __init__(
+        self, meta: Meta, model_params: ModelParams, params: TrainParams, world: World
+    ) -> None:
         self.params = params
-        self.device = pick_device(params.device)
+        self.world = world
+        self.device = pick_device(params.device, world)
         torch.manual_seed(params.seed)
         if self.device.type == "cpu":
             torch.use_deterministic_algorithms(True)
@@ -116,8 +121,23 @@ class Trainer:
         self.cuda = self.device.type == "cuda"
         if self.cuda:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        self.step_model = self._wrap_for_ddp(self.model)
+        # The batch order must agree across ranks; the augmentation must not.
+        self.order_generator = torch.Generator().manual_seed(params.seed)
+        self.augment_generator = torch.Generator(device=self.device).manual_seed(
+            params.seed + world.rank
+        )
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=params.label_smoothing)
+
+    def _wrap_for_ddp(self, model: nn.Module) -> nn.Module:
+        if not self.world.active:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        if self.cuda:  # SyncBatchNorm needs CUDA; on CPU each rank keeps its own BN statistics
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            return DistributedDataParallel(model, device_ids=[self.device.index])
+        return DistributedDataParallel(model)
 
     def _batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -125,15 +145,15 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
-            return self.model(x).float()
+            return model(x).float()
 
     def fit(self, train: Split, val: Split, on_epoch) -> None:  # noqa: ANN001 - callback
         x_train, y_train = _to_device(train, self.device)
         x_val, y_val = _to_device(val, self.device)
         steps_per_epoch = math.ceil(len(y_train) / self.params.batch_size)
-        optimizer = build_optimizer(self.model, self.params)
+        optimizer = build_optimizer(self.step_model, self.params)
         schedule = build_schedule(optimizer, self.params, steps_per_epoch * self.params.epochs)
         for epoch in range(1, self.params.epochs + 1):
             started = time.perf_counter()
@@ -145,16 +165,22 @@ class Trainer:
     def _train_epoch(self, x, y, optimizer, schedule, epoch: int) -> tuple[float, float]:  # noqa: ANN001
         from tqdm import tqdm
 
-        self.model.train()
-        order = torch.randperm(len(y), generator=self.generator, device=self.device).cpu()
-        batches = order.split(self.params.batch_size)
-        total_loss, correct = 0.0, 0
-        bar = tqdm(batches, desc=f"epoch {epoch}/{self.params.epochs}", unit="batch", leave=False)
+        self.step_model.train()
+        order = torch.randperm(len(y), generator=self.order_generator)
+        batches = shard_batches(order, self.params.batch_size, self.world)
+        total_loss, correct, seen = 0.0, 0, 0
+        bar = tqdm(
+            batches,
+            desc=f"epoch {epoch}/{self.params.epochs}",
+            unit="batch",
+            leave=False,
+            disable=not self.world.is_main,
+        )
         for index in bar:
             xb, yb = self._batch(x[index], y[index])
             if self.params.augment:
-                xb = random_translate(xb, self.generator)
-            logits = self._forward(xb)
+                xb = random_translate(xb, self.augment_generator)
+            logits = self._forward(self.step_model, xb)
             loss = self.loss_fn(logits, yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -162,16 +188,19 @@ class Trainer:
             schedule.step()
             total_loss += loss.item() * len(yb)
             correct += int((logits.argmax(1) == yb).sum())
+            seen += len(yb)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        return total_loss / len(y), correct / len(y)
+        total_loss, correct, seen = all_sum([total_loss, correct, seen], self.world, self.device)
+        return total_loss / seen, correct / seen
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        """Every rank scores the whole validation split, so all ranks agree without talking."""
         self.model.eval()
         total_loss, correct = 0.0, 0
         for start in range(0, len(y), 512):
             xb, yb = self._batch(x[start : start + 512], y[start : start + 512])
-            logits = self._forward(xb)
+            logits = self._forward(self.model, xb)
             total_loss += float(F.cross_entropy(logits, yb, reduction="sum"))
             correct += int((logits.argmax(1) == yb).sum())
         return total_loss / len(y), correct / len(y)
@@ -184,45 +213,61 @@ def train(
     checkpoint_path: Path = DEFAULT_CHECKPOINT,
     live_dir: Path = DEFAULT_LIVE_DIR,
 ) -> list[EpochStats]:
-    """Train, log every epoch with dvclive, and write the checkpoint; all atomically."""
-    from dvclive import Live
+    """Train, log every epoch with dvclive, and write the checkpoint; all atomically.
 
+    Under torchrun every rank trains; only rank 0 logs and writes.
+    """
     meta = load_meta(data_dir)
     train_split, val_split = load_split("train", data_dir), load_split("val", data_dir)
-    trainer = Trainer(meta, model_params, params)
+    world = world_from_env()
     history: list[EpochStats] = []
-    with atomic_path(live_dir) as tmp_live:
-        with Live(dir=str(tmp_live), save_dvc_exp=False, dvcyaml=False, report=None) as live:
-
-            def on_epoch(epoch: int, stats: EpochStats) -> None:
-                history.append(stats)
-                for name in ("train_loss", "train_acc", "val_loss", "val_acc"):
-                    split, metric = name.split("_")
-                    live.log_metric(f"{split}/{metric}", round(getattr(stats, name), 6))
-                live.next_step()
-                typer.echo(
-                    f"epoch {epoch}/{params.epochs}: train loss {stats.train_loss:.4f} "
-                    f"acc {stats.train_acc:.4f} | val loss {stats.val_loss:.4f} "
-                    f"acc {stats.val_acc:.4f} | {stats.images_per_s:,.0f} img/s",
-                    err=True,
-                )
-
-            trainer.fit(train_split, val_split, on_epoch)
-        resolved = {"model": as_dict(model_params), "train": as_dict(params)}
-        save_checkpoint(
-            Checkpoint(
-                spec=trainer.spec,
-                class_names=meta.class_names,
-                mean=meta.mean,
-                std=meta.std,
-                state_dict=trainer.model.state_dict(),
-                data_fingerprint=meta.fingerprint,
-                params=resolved,
-                params_hash=params_hash({**resolved, "data": meta.fingerprint}),
-            ),
-            checkpoint_path,
-        )
+    device_type = "cuda" if params.device != "cpu" and torch.cuda.is_available() else "cpu"
+    with process_group(world, torch.device(device_type)):
+        trainer = Trainer(meta, model_params, params, world)
+        if not world.is_main:
+            trainer.fit(train_split, val_split, lambda _, stats: history.append(stats))
+            return history
+        with atomic_path(live_dir) as tmp_live:
+            _fit_logged(trainer, train_split, val_split, tmp_live, history)
+            resolved = {"model": as_dict(model_params), "train": as_dict(params)}
+            save_checkpoint(
+                Checkpoint(
+                    spec=trainer.spec,
+                    class_names=meta.class_names,
+                    mean=meta.mean,
+                    std=meta.std,
+                    state_dict=trainer.model.state_dict(),
+                    data_fingerprint=meta.fingerprint,
+                    params=resolved,
+                    params_hash=params_hash({**resolved, "data": meta.fingerprint}),
+                ),
+                checkpoint_path,
+            )
     return history
+
+
+def _fit_logged(
+    trainer: Trainer, train_split: Split, val_split: Split, live_dir: Path, history: list
+) -> None:
+    from dvclive import Live
+
+    epochs = trainer.params.epochs
+    with Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=False, report=None) as live:
+
+        def on_epoch(epoch: int, stats: EpochStats) -> None:
+            history.append(stats)
+            for name in ("train_loss", "train_acc", "val_loss", "val_acc"):
+                split, metric = name.split("_")
+                live.log_metric(f"{split}/{metric}", round(getattr(stats, name), 6))
+            live.next_step()
+            typer.echo(
+                f"epoch {epoch}/{epochs}: train loss {stats.train_loss:.4f} "
+                f"acc {stats.train_acc:.4f} | val loss {stats.val_loss:.4f} "
+                f"acc {stats.val_acc:.4f} | {stats.images_per_s:,.0f} img/s",
+                err=True,
+            )
+
+        trainer.fit(train_split, val_split, on_epoch)
 
 
 @exit_on_stage_error
@@ -242,7 +287,10 @@ def command(
     model_params = load_params("model", ModelParams, params_file)
     train_params = load_params("train", TrainParams, params_file)
     history = train(model_params, train_params, data_dir, checkpoint, live_dir)
-    typer.echo(f"trained {model_params.name}: val acc {history[-1].val_acc:.4f} -> {checkpoint}")
+    if world_from_env().is_main:
+        typer.echo(
+            f"trained {model_params.name}: val acc {history[-1].val_acc:.4f} -> {checkpoint}"
+        )
 
 
 def main() -> None:

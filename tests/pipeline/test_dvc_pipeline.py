@@ -89,6 +89,18 @@ def test_plots_render_offline(repo):
     assert "vega-lite" in page  # the inlined library
 
 
+def test_outputs_round_trip_through_a_remote(repo, tmp_path):
+    sh("dvc", "remote", "add", "--local", "-d", "shelf", str(tmp_path / "remote"), cwd=repo)
+    sh("dvc", "push", cwd=repo)
+    checkpoint = (repo / "models" / "checkpoint.pt").read_bytes()
+    shutil.rmtree(repo / "models")
+    shutil.rmtree(repo / "data" / "prepared")
+    shutil.rmtree(repo / ".dvc" / "cache")
+    sh("dvc", "pull", cwd=repo)
+    assert (repo / "models" / "checkpoint.pt").read_bytes() == checkpoint
+    assert json.loads(sh("dvc", "status", "--json", cwd=repo).stdout) == {}
+
+
 def test_experiment_with_a_changed_param(repo):
     sh("git", "add", "dvc.lock", cwd=repo)
     sh("git", "commit", "-qm", "baseline results", cwd=repo)
