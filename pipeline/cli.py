@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from pipeline import evaluate, prepare, train
+from pipeline import engine, evaluate, export, prepare, train
 
 app = typer.Typer(
     name="tensorferry",
@@ -16,3 +16,5 @@ app = typer.Typer(
 app.command("prepare")(prepare.command)
 app.command("train")(train.command)
 app.command("evaluate")(evaluate.command)
+app.command("export")(export.command)
+app.command("build-engine")(engine.command)

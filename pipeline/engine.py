@@ -1,0 +1,414 @@
+"""The engine stage: an exported ONNX model -> a deployable engine for one explicit target.
+
+``engine.target`` is a param, never guessed from the host: DVC caches outputs by params,
+so a machine-dependent choice behind unchanged params would hand one host's artifact to
+another, and a placeholder written where a target is unavailable would be cached as valid.
+
+- ``onnxruntime`` (default; runs anywhere): the ONNX model optimised offline by ONNX
+  Runtime at the highest level (ORT_ENABLE_ALL, host-specific) and saved.
+- ``tensorrt``: a serialized TensorRT plan (see pipeline/tensorrt_build.py).
+
+Each engine gets a sidecar ``<engine>.json`` (serving/contract.py); the engine is then
+run over the test split and its accuracy and agreement with the fp32 ONNX model go to
+``reports/engine.json``. All outputs appear together or not at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import typer
+
+from pipeline import onnx_tools, quantize, tensorrt_build
+from pipeline.artifacts import atomic_path, sha256_file, write_json
+from pipeline.dataset import DEFAULT_DIR, load_split
+from pipeline.errors import StageError, exit_on_stage_error, run_command
+from pipeline.onnx_tools import ONNX_DIR as DEFAULT_ONNX
+from pipeline.onnx_tools import VARIANT_FILES
+from pipeline.params import DEFAULT_PARAMS, EngineParams, as_dict, from_mapping, load_params
+from serving.contract import SIDECAR_SUFFIX, ModelContract
+
+DEFAULT_OUT = Path("models/engine")
+DEFAULT_REPORT = Path("reports/engine.json")
+ENGINE_FILES = {"onnxruntime": "model.optimized.onnx", "tensorrt": "model.trt"}
+
+Runner = Callable[[np.ndarray], np.ndarray]  # uint8 images -> logits
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """The ONNX model an engine is built from, and its contract."""
+
+    path: Path
+    contract: ModelContract
+
+    @property
+    def precision(self) -> str:
+        return self.contract.precision
+
+
+def resolve_source(onnx: Path, variant: str) -> Source:
+    """``onnx`` is a model file, or the export directory (then pick ``variant``'s file)."""
+    path = onnx / VARIANT_FILES[variant] if onnx.is_dir() else onnx
+    if onnx.is_dir() and not path.is_file():
+        raise StageError(
+            f"{onnx} has no {variant} model ({path.name}); add {variant} to export.variants "
+            "and rerun the export stage"
+        )
+    return Source(path, onnx_tools.read_contract(path))
+
+
+def fp32_reference(source: Source) -> Path | None:
+    """The fp32 export the engine is compared with: the source itself, or model.onnx beside it."""
+    if source.precision == "fp32":
+        return source.path
+    sibling = source.path.with_name(VARIANT_FILES["fp32"])
+    return sibling if sibling.is_file() else None
+
+
+# Targets
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A target whose prerequisites hold: ``build(engine, sidecar)`` writes both, returns a runner.
+
+    Preparing writes nothing, so a missing TensorRT, GPU or input leaves no trace.
+    """
+
+    source: Source
+    build: Callable[[Path, Path], Runner]
+
+
+def prepare_onnxruntime(onnx: Path, params: EngineParams) -> Prepared:
+    source = resolve_source(onnx, params.precision)
+    check_precision(source, params.precision)
+
+    def build(engine_path: Path, sidecar_path: Path) -> Runner:
+        return optimize_onnxruntime(source, params, engine_path, sidecar_path)
+
+    return Prepared(source, build)
+
+
+def optimize_onnxruntime(
+    source: Source, params: EngineParams, engine_path: Path, sidecar_path: Path
+) -> Runner:
+    """ONNX Runtime's offline optimisation: ORT_ENABLE_ALL, saved as an ONNX file.
+
+    The saved graph holds fused and layout-transformed (NCHWc) kernels chosen for this
+    CPU and this onnxruntime version, so the sidecar records both. An int8 source first
+    has its ReLUs folded into the quantization (quantize.fold_relus_for_cpu).
+    """
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = onnx_tools.load_model(source.path)
+        folded = quantize.fold_relus_for_cpu(model) if source.precision == "int8" else 0
+        staged = Path(tmp) / source.path.name
+        onnx.save_model(model, str(staged))
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.optimized_model_filepath = str(engine_path)
+        options.log_severity_level = 3  # its "hardware specific" warning is why the sidecar
+        try:
+            ort.InferenceSession(str(staged), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own pybind types
+            first = str(exc).strip().splitlines()[0]
+            raise StageError(f"{source.path} does not load in ONNX Runtime: {first}") from None
+    sess = onnx_tools.session(engine_path, params.threads)
+    sidecar = {
+        "format": "onnxruntime",
+        "metadata": source.contract.to_metadata(),
+        "class_names": list(source.contract.class_names),
+        "precision": source.precision,
+        "onnxruntime_version": ort.__version__,
+        "graph_optimization_level": "ORT_ENABLE_ALL",
+        "relus_folded_into_quantization": folded,
+        "host": host_description(),
+        **onnx_tools.io_specs(sess),
+        "onnx_file": source.path.name,
+        "onnx_sha256": sha256_file(source.path),
+    }
+    write_json(sidecar_path, sidecar)
+    return lambda x: onnx_tools.run_logits(sess, x, params.max_batch)
+
+
+def prepare_tensorrt(onnx: Path, params: EngineParams) -> Prepared:
+    trt = tensorrt_build.require_tensorrt()
+    gpu = tensorrt_build.require_cuda_gpu()
+    tensorrt_build.check_options(params, gpu.compute_capability)
+    major = tensorrt_build.major_version(trt.__version__)
+    plan = tensorrt_build.plan_build(major, params.precision)
+    source = resolve_source(onnx, plan.variant)
+    tensorrt_build.check_source(plan, source.precision, source.path, major)
+    profile = tensorrt_build.profile_shapes(source.contract.input_shape, params)
+    cache = None
+    if params.timing_cache:
+        cache = tensorrt_build.timing_cache_file(
+            Path(params.timing_cache), gpu.name, gpu.compute_capability, trt.__version__
+        )
+
+    def build(engine_path: Path, sidecar_path: Path) -> Runner:
+        serialized, io = tensorrt_build.build_serialized(
+            trt, source.path, plan, profile, params, cache
+        )
+        engine_path.write_bytes(serialized)
+        sidecar = tensorrt_build.make_sidecar(
+            source.contract,
+            plan,
+            params,
+            tensorrt_version=trt.__version__,
+            gpu_name=gpu.name,
+            compute_capability=gpu.compute_capability,
+            profile=profile,
+            io=io,
+            onnx_file=source.path.name,
+            onnx_sha256=sha256_file(source.path),
+        )
+        write_json(sidecar_path, sidecar)
+        return lambda x: tensorrt_build.run_plan(
+            trt, serialized, x, profile, params.version_compatible
+        )
+
+    return Prepared(source, build)
+
+
+TARGETS: dict[str, Callable[[Path, EngineParams], Prepared]] = {
+    "onnxruntime": prepare_onnxruntime,
+    "tensorrt": prepare_tensorrt,
+}
+
+
+def check_precision(source: Source, precision: str) -> None:
+    if source.precision != precision:
+        raise StageError(
+            f"{source.path.name} is an {source.precision} model but engine.precision is "
+            f"{precision}; pass {VARIANT_FILES[precision]} or set the precision to match"
+        )
+
+
+def host_description() -> dict[str, str]:
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"machine": platform.machine(), "cpu": cpu, "system": platform.system()}
+
+
+# The stage
+
+
+@contextlib.contextmanager
+def staged_outputs(out: Path, target: str) -> Iterator[tuple[Path, Path]]:
+    """Yield (engine, sidecar) paths to write; both are published together on success.
+
+    ``out`` with a suffix is the engine file itself (sidecar beside it); without one it is
+    a directory that will hold exactly the engine and its sidecar.
+    """
+    if out.suffix:
+        sidecar = out.with_name(out.name + SIDECAR_SUFFIX)
+        with atomic_path(out) as engine_tmp, atomic_path(sidecar) as sidecar_tmp:
+            yield engine_tmp, sidecar_tmp
+        return
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        name = ENGINE_FILES[target]
+        yield tmp / name, tmp / (name + SIDECAR_SUFFIX)
+
+
+def evaluate_engine(run: Runner, source: Source, data_dir: Path, batch_size: int) -> dict[str, Any]:
+    """Accuracy on the test split, and agreement with the fp32 ONNX model (when present)."""
+    test = load_split("test", data_dir)
+    if tuple(test.x.shape[1:]) != tuple(source.contract.input_shape):
+        raise StageError(
+            f"{data_dir} test images are {list(test.x.shape[1:])}, the model takes "
+            f"{list(source.contract.input_shape)}"
+        )
+    logits = run(test.x)
+    figures: dict[str, Any] = {
+        "images": len(test.y),
+        "accuracy": onnx_tools.accuracy(logits, test.y),
+    }
+    reference = fp32_reference(source)
+    if reference is not None:
+        ref_logits = onnx_tools.run_logits(onnx_tools.session(reference), test.x, batch_size)
+        fp32_accuracy = onnx_tools.accuracy(ref_logits, test.y)
+        figures |= {
+            "fp32_onnx_accuracy": fp32_accuracy,
+            "accuracy_drop_pp": round((fp32_accuracy - figures["accuracy"]) * 100, 6),
+            "top1_agreement_fp32": onnx_tools.agreement(logits, ref_logits),
+            "max_abs_logit_diff_fp32": float(np.abs(logits - ref_logits).max()),
+        }
+    return figures
+
+
+def build_engine(
+    params: EngineParams,
+    onnx: Path = DEFAULT_ONNX,
+    out: Path = DEFAULT_OUT,
+    data_dir: Path | None = DEFAULT_DIR,
+    report_path: Path | None = DEFAULT_REPORT,
+) -> dict[str, Any]:
+    """Run the engine stage; ``data_dir=None`` skips the test-split run."""
+    tensorrt_build.check_batches(params.min_batch, params.opt_batch, params.max_batch)
+    if not onnx.exists():
+        raise StageError(f"{onnx} not found; run the export stage first")
+    prepared = TARGETS[params.target](onnx, params)
+    source = prepared.source
+    start = time.perf_counter()
+    with staged_outputs(out, params.target) as (engine_path, sidecar_path):
+        run = prepared.build(engine_path, sidecar_path)
+        report: dict[str, Any] = {
+            "target": params.target,
+            "precision": params.precision,
+            "source": source.path.name,
+            "engine_bytes": engine_path.stat().st_size,
+            "build_seconds": round(time.perf_counter() - start, 3),
+        }
+        if data_dir is not None:
+            report |= evaluate_engine(run, source, data_dir, params.max_batch)
+    if report_path is not None:
+        write_json(report_path, report)
+    return report
+
+
+def resolve_params(params_file: Path | None, **overrides: Any) -> EngineParams:
+    """``engine`` params from the file (params.yaml when present), then CLI overrides."""
+    path = DEFAULT_PARAMS if params_file is None else params_file
+    use_file = params_file is not None or path.is_file()
+    params = load_params("engine", EngineParams, path) if use_file else EngineParams()
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return from_mapping(EngineParams, {**as_dict(params), **given}, prefix="engine")
+
+
+def _source_precision(onnx: Path) -> str | None:
+    """With a single ONNX file and no --precision, the engine keeps the file's precision."""
+    return None if onnx.is_dir() or not onnx.is_file() else onnx_tools.read_contract(onnx).precision
+
+
+Target = Literal["onnxruntime", "tensorrt"]
+Precision = Literal["fp32", "fp16", "int8"]
+HardwareLevel = Literal["none", "ampere_plus", "same_compute_capability"]
+
+
+@exit_on_stage_error
+def command(
+    onnx: Annotated[
+        Path,
+        typer.Option(
+            help="ONNX model file, or the export directory (then the file for --precision "
+            "is picked)."
+        ),
+    ] = DEFAULT_ONNX,
+    target: Annotated[
+        Target | None,
+        typer.Option(
+            help="onnxruntime: offline-optimised ONNX for this CPU; tensorrt: a TensorRT "
+            "plan (needs TensorRT and an NVIDIA GPU) [params: engine.target, onnxruntime]."
+        ),
+    ] = None,
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Engine file (e.g. model.trt; sidecar model.trt.json beside it), or a "
+            "directory without a suffix that will hold both."
+        ),
+    ] = DEFAULT_OUT,
+    precision: Annotated[
+        Precision | None,
+        typer.Option(
+            help="Engine precision. TensorRT 10 builds fp16 from the fp32 ONNX; TensorRT 11 "
+            "and int8 need the matching export variant [params: engine.precision; with an "
+            "ONNX file, that file's precision]."
+        ),
+    ] = None,
+    min_batch: Annotated[
+        int | None, typer.Option(help="TensorRT profile: smallest batch [engine.min_batch].")
+    ] = None,
+    opt_batch: Annotated[
+        int | None, typer.Option(help="TensorRT profile: batch to tune for [engine.opt_batch].")
+    ] = None,
+    max_batch: Annotated[
+        int | None, typer.Option(help="TensorRT profile: largest batch [engine.max_batch].")
+    ] = None,
+    workspace_mib: Annotated[
+        int | None, typer.Option(help="TensorRT builder memory-pool limit in MiB.")
+    ] = None,
+    hardware_compatibility: Annotated[
+        HardwareLevel | None,
+        typer.Option(help="TensorRT: plan runs on other GPUs (ampere_plus; slower)."),
+    ] = None,
+    version_compatible: Annotated[
+        bool | None,
+        typer.Option(
+            "--version-compatible/--no-version-compatible",
+            help="TensorRT: plan also runs on later TensorRT releases of the same major.",
+        ),
+    ] = None,
+    timing_cache: Annotated[
+        str | None,
+        typer.Option(help='TensorRT: directory of the persistent timing cache ("" disables).'),
+    ] = None,
+    data_dir: Annotated[
+        Path, typer.Option(help="Prepared data whose test split the engine is run over.")
+    ] = DEFAULT_DIR,
+    evaluate: Annotated[
+        bool,
+        typer.Option(help="Run the built engine over the test split and report accuracy."),
+    ] = True,
+    report: Annotated[
+        Path, typer.Option(help="Where to write the JSON report (DVC metrics).")
+    ] = DEFAULT_REPORT,
+    params_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--params",
+            help="params.yaml to read the `engine` section from (default: ./params.yaml "
+            "when it exists, else built-in defaults). Options above override it.",
+        ),
+    ] = None,
+) -> None:
+    """Build an engine from an exported ONNX model for an explicit target, run it over
+    the test split, and write it with its sidecar JSON."""
+    params = resolve_params(
+        params_file,
+        target=target,
+        precision=precision or _source_precision(onnx),
+        min_batch=min_batch,
+        opt_batch=opt_batch,
+        max_batch=max_batch,
+        workspace_mib=workspace_mib,
+        hardware_compatibility=hardware_compatibility,
+        version_compatible=version_compatible,
+        timing_cache=timing_cache,
+    )
+    if params.timing_cache == "":
+        params = dataclasses.replace(params, timing_cache=None)
+    result = build_engine(params, onnx, out, data_dir if evaluate else None, report)
+    summary = (
+        f"built {result['target']} {result['precision']} engine from {result['source']} -> {out}"
+    )
+    if "accuracy" in result:
+        summary += f"; test accuracy {result['accuracy']:.2%}"
+    if "top1_agreement_fp32" in result:
+        summary += f", top-1 agreement with fp32 ONNX {result['top1_agreement_fp32']:.2%}"
+    typer.echo(summary)
+
+
+def main() -> None:
+    run_command(command)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""ONNX helpers shared by the export and engine stages (and the benchmark): no torch here.
+
+Reading a model's contract, writing its metadata, and running it in ONNX Runtime over a
+split in batches. Every failure a user can cause (a corrupt, truncated or foreign file)
+becomes a one-line StageError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import StageError
+from serving.contract import ContractError, ModelContract
+
+# The export stage's output directory and its file per precision; the engine reads them.
+ONNX_DIR = Path("models/onnx")
+VARIANT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
+
+# ONNX Runtime type strings -> the protocol datatype names the sidecar uses.
+ORT_DATATYPES = {
+    "tensor(uint8)": "UINT8",
+    "tensor(int8)": "INT8",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(bool)": "BOOL",
+}
+
+
+def load_model(path: Path) -> Any:
+    """The ModelProto at ``path`` (self-contained), or a StageError naming what is wrong."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"ONNX model {path} not found; run the export stage first")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, OSError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StageError(
+            f"{path} is not a readable ONNX model (corrupt or truncated?): {first}"
+        ) from None
+    if not model.graph.node:
+        raise StageError(f"{path} is not a readable ONNX model (corrupt or truncated?): no graph")
+    return model
+
+
+def read_contract(path: Path, model: Any | None = None) -> ModelContract:
+    """The tensorferry contract carried in the model's metadata_props."""
+    model = load_model(path) if model is None else model
+    metadata = {prop.key: prop.value for prop in model.metadata_props}
+    try:
+        return ModelContract.from_metadata(metadata, source=str(path))
+    except ContractError as exc:
+        raise StageError(str(exc)) from None
+
+
+def set_metadata(model: Any, values: Mapping[str, str]) -> None:
+    """Set ``values`` in ``model.metadata_props``, replacing keys already there (no duplicates:
+    onnx.checker rejects a model with a key twice)."""
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key not in values]
+    del model.metadata_props[:]
+    for key, value in [*kept, *values.items()]:
+        model.metadata_props.add(key=key, value=value)
+
+
+def session(path: Path, threads: int = 0) -> Any:
+    """A CPU ONNX Runtime session; ``threads`` intra-op threads (0 = ONNX Runtime's choice)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # errors only: a stage prints one line, not ORT's chatter
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own pybind types for every load failure
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StageError(f"{path} does not load in ONNX Runtime: {first}") from None
+
+
+def run_logits(sess: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """Logits (float32) for every image in ``x``, batch by batch."""
+    name = sess.get_inputs()[0].name
+    outputs = [
+        sess.run([sess.get_outputs()[0].name], {name: x[start : start + batch_size]})[0]
+        for start in range(0, len(x), batch_size)
+    ]
+    return np.concatenate(outputs).astype(np.float32)
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(axis=1) == labels).mean())
+
+
+def agreement(logits: np.ndarray, reference: np.ndarray) -> float:
+    """Fraction of images whose top-1 class matches the reference's."""
+    return float((logits.argmax(axis=1) == reference.argmax(axis=1)).mean())
+
+
+def io_specs(sess: Any) -> dict[str, list[dict[str, Any]]]:
+    """Inputs and outputs as the sidecar lists them; dynamic dimensions are -1."""
+
+    def spec(node: Any) -> dict[str, Any]:
+        shape = [d if isinstance(d, int) and d > 0 else -1 for d in node.shape]
+        return {"name": node.name, "dtype": ORT_DATATYPES.get(node.type, node.type), "shape": shape}
+
+    return {
+        "inputs": [spec(n) for n in sess.get_inputs()],
+        "outputs": [spec(n) for n in sess.get_outputs()],
+    }

@@ -1,0 +1,334 @@
+"""TensorRT plans from our ONNX models, for TensorRT 10.x (JetPack 6 ships 10.3) and 11.x.
+
+The decisions are pure functions, tested on CPU: which ONNX variant and builder flags give
+a precision on each TensorRT major (10: weak typing with FP16/INT8 flags; 11: strongly
+typed only, so precision comes from the fp16 or Q/DQ int8 ONNX), the profile shapes, the
+sidecar, and the one-line errors for a missing TensorRT or GPU. The calls into
+TensorRT itself (``build_serialized``, ``run_plan``) need both and are tested on GPU
+hosts only (``pytest -m tensorrt``; ``scripts/gpu-check``).
+
+The plan stays a pure TensorRT plan: a header in front of it would make TensorRT reject
+it ("Magic tag does not match"), so everything else goes into ``<plan>.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.artifacts import atomic_path
+from pipeline.errors import StageError
+from pipeline.params import EngineParams
+from serving.contract import INPUT_NAME, LOGITS_NAME, ModelContract
+
+TENSORRT_MISSING = (
+    "engine.target=tensorrt needs TensorRT's Python package, which is not installed: "
+    "`pip install tensorrt` on x86-64 with CUDA 12/13 (or use the one JetPack ships: "
+    "`apt install python3-libnvinfer`), or set engine.target=onnxruntime"
+)
+# TensorRT data type names -> the protocol datatype names the sidecar uses.
+TRT_DATATYPES = {
+    "FLOAT": "FP32",
+    "HALF": "FP16",
+    "BF16": "BF16",
+    "INT8": "INT8",
+    "UINT8": "UINT8",
+    "INT32": "INT32",
+    "INT64": "INT64",
+    "BOOL": "BOOL",
+}
+
+
+# Pure decisions
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """Full input shapes of the optimisation profile (batch first)."""
+
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+
+    def to_json(self) -> dict[str, list[int]]:
+        return {"min": list(self.min), "opt": list(self.opt), "max": list(self.max)}
+
+
+def check_batches(min_batch: int, opt_batch: int, max_batch: int) -> None:
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise StageError(
+            "params: engine batch profile needs 1 <= min_batch <= opt_batch <= max_batch, "
+            f"got min {min_batch}, opt {opt_batch}, max {max_batch}"
+        )
+
+
+def profile_shapes(input_shape: tuple[int, ...], params: EngineParams) -> Profile:
+    check_batches(params.min_batch, params.opt_batch, params.max_batch)
+    shape = tuple(input_shape)
+    return Profile(
+        (params.min_batch, *shape), (params.opt_batch, *shape), (params.max_batch, *shape)
+    )
+
+
+def major_version(version: str) -> int:
+    match = re.match(r"(\d+)\.", str(version))
+    if match is None:
+        raise StageError(f"cannot read TensorRT's version from {version!r}")
+    return int(match.group(1))
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildPlan:
+    precision: str  # what the engine computes in
+    variant: str  # which exported ONNX to build from
+    flags: tuple[str, ...]  # trt.BuilderFlag names to set
+    strongly_typed: bool  # types come from the ONNX, not from flags
+    accepts: tuple[str, ...]  # ONNX precisions this build can start from
+
+
+def plan_build(major: int, precision: str) -> BuildPlan:
+    """How to get ``precision`` out of TensorRT ``major``.
+
+    10.x: weak typing; fp16 is the fp32 ONNX plus BuilderFlag.FP16 (TensorRT picks per
+    layer), int8 needs the Q/DQ ONNX plus BuilderFlag.INT8 (we never use the deprecated
+    implicit calibrators). 11.x removed those flags: the network is strongly typed, so the
+    ONNX must already be in the precision (fp16 variant, Q/DQ int8 variant).
+    """
+    if major < 10:
+        raise StageError(f"TensorRT {major}.x is not supported; install TensorRT 10 or 11")
+    if major >= 11:
+        return BuildPlan(precision, precision, (), True, (precision,))
+    if precision == "fp16":
+        return BuildPlan("fp16", "fp32", ("FP16",), False, ("fp32", "fp16"))
+    if precision == "int8":
+        return BuildPlan("int8", "int8", ("INT8",), False, ("int8",))
+    return BuildPlan("fp32", "fp32", (), False, ("fp32",))
+
+
+def check_source(plan: BuildPlan, onnx_precision: str, onnx_path: Path, major: int) -> None:
+    """The ONNX handed to the builder must be one this plan can start from."""
+    if onnx_precision in plan.accepts:
+        return
+    suffix = "" if plan.variant == "fp32" else f".{plan.variant}"
+    raise StageError(
+        f"{onnx_path.name} is an {onnx_precision} model, but a {plan.precision} engine on "
+        f"TensorRT {major}.x is built from the {plan.variant} export: pass "
+        f"model{suffix}.onnx (export.variants must include {plan.variant})"
+    )
+
+
+def check_options(params: EngineParams, compute_capability: str) -> None:
+    """Options this GPU cannot honour, caught before a long build."""
+    major = int(compute_capability.split(".")[0])
+    if params.hardware_compatibility == "ampere_plus" and major < 8:
+        raise StageError(
+            "engine.hardware_compatibility=ampere_plus needs an Ampere or newer GPU "
+            f"(compute 8.0+), this one is compute {compute_capability}"
+        )
+
+
+def timing_cache_file(
+    directory: Path, gpu_name: str, compute_capability: str, version: str
+) -> Path:
+    """One cache per GPU model and TensorRT version: a cache from another never applies."""
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", gpu_name).strip("-").lower() or "gpu"
+    return Path(directory) / f"{gpu}-sm{compute_capability.replace('.', '')}-trt{version}.cache"
+
+
+def make_sidecar(
+    contract: ModelContract,
+    plan: BuildPlan,
+    params: EngineParams,
+    *,
+    tensorrt_version: str,
+    gpu_name: str,
+    compute_capability: str,
+    profile: Profile,
+    io: dict[str, list[dict[str, Any]]],
+    onnx_file: str,
+    onnx_sha256: str,
+) -> dict[str, Any]:
+    """Everything a server needs besides the plan (see serving/contract.py)."""
+    metadata = dataclasses.replace(contract, precision=plan.precision).to_metadata()
+    return {
+        "format": "tensorrt",
+        "metadata": metadata,
+        "class_names": list(contract.class_names),
+        "precision": plan.precision,
+        "tensorrt_version": tensorrt_version,
+        "tensorrt_major": major_version(tensorrt_version),
+        "strongly_typed": plan.strongly_typed,
+        "builder_flags": list(plan.flags),
+        "gpu_name": gpu_name,
+        "compute_capability": compute_capability,
+        "hardware_compatibility": params.hardware_compatibility,
+        "version_compatible": params.version_compatible,
+        "workspace_mib": params.workspace_mib,
+        "profile": profile.to_json(),
+        **io,
+        "onnx_file": onnx_file,
+        "onnx_sha256": onnx_sha256,
+    }
+
+
+# Prerequisites
+
+
+def require_tensorrt() -> Any:
+    try:
+        import tensorrt
+    except ImportError:
+        raise StageError(TENSORRT_MISSING) from None
+    return tensorrt
+
+
+@dataclasses.dataclass(frozen=True)
+class Gpu:
+    name: str
+    compute_capability: str
+
+
+def require_cuda_gpu() -> Gpu:
+    """The current CUDA device, seen through torch (which also runs the engine here)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        why = (
+            f"torch {torch.__version__} is a CPU-only build; install a CUDA build "
+            '(make TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128")'
+            if torch.version.cuda is None
+            else "no CUDA device is visible (check the NVIDIA driver and CUDA_VISIBLE_DEVICES)"
+        )
+        raise StageError(
+            f"engine.target=tensorrt needs an NVIDIA CUDA GPU: {why}; "
+            "or set engine.target=onnxruntime"
+        )
+    major, minor = torch.cuda.get_device_capability()
+    return Gpu(torch.cuda.get_device_name(), f"{major}.{minor}")
+
+
+# TensorRT calls (GPU hosts only)
+
+
+def build_serialized(
+    trt: Any,
+    onnx_path: Path,
+    plan: BuildPlan,
+    profile: Profile,
+    params: EngineParams,
+    cache_file: Path | None,
+) -> tuple[bytes, dict[str, list[dict[str, Any]]]]:
+    """Parse, configure and build; returns the plan bytes and the network's I/O specs."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    # 10.x: 0 is an explicit-batch, weakly typed network; 11.x is strongly typed regardless.
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise StageError(f"TensorRT cannot parse {onnx_path.name}: {(errors or ['?'])[0]}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, params.workspace_mib << 20)
+    for flag in plan.flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    _set_compatibility(trt, config, params)
+    trt_profile = builder.create_optimization_profile()
+    trt_profile.set_shape(network.get_input(0).name, profile.min, profile.opt, profile.max)
+    config.add_optimization_profile(trt_profile)
+    _load_timing_cache(config, cache_file)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise StageError(f"TensorRT could not build {onnx_path.name} (see its log above)")
+    if cache_file is not None:
+        with atomic_path(cache_file) as tmp:
+            tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+    return bytes(serialized), network_io(network)
+
+
+def _set_compatibility(trt: Any, config: Any, params: EngineParams) -> None:
+    if params.version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    if params.hardware_compatibility == "none":
+        return
+    level = getattr(trt.HardwareCompatibilityLevel, params.hardware_compatibility.upper(), None)
+    if level is None:
+        raise StageError(
+            f"TensorRT {trt.__version__} has no hardware compatibility level "
+            f"{params.hardware_compatibility!r}; set engine.hardware_compatibility=none"
+        )
+    config.hardware_compatibility_level = level
+
+
+def _load_timing_cache(config: Any, cache_file: Path | None) -> None:
+    previous = cache_file.read_bytes() if cache_file is not None and cache_file.is_file() else b""
+    cache = config.create_timing_cache(previous)
+    # A cache from another GPU or TensorRT is refused with ignore_mismatch=False; start afresh.
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+
+
+def network_io(network: Any) -> dict[str, list[dict[str, Any]]]:
+    def spec(tensor: Any) -> dict[str, Any]:
+        return {
+            "name": tensor.name,
+            "dtype": TRT_DATATYPES.get(tensor.dtype.name, tensor.dtype.name),
+            "shape": [int(d) for d in tensor.shape],
+        }
+
+    return {
+        "inputs": [spec(network.get_input(i)) for i in range(network.num_inputs)],
+        "outputs": [spec(network.get_output(i)) for i in range(network.num_outputs)],
+    }
+
+
+def run_plan(
+    trt: Any, plan: bytes, x: np.ndarray, profile: Profile, version_compatible: bool
+) -> np.ndarray:
+    """Logits for every image of ``x``, in chunks the profile allows (torch holds the buffers)."""
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    # A version-compatible plan embeds a lean runtime, which the runtime must be allowed to load.
+    runtime.engine_host_code_allowed = version_compatible
+    engine = runtime.deserialize_cuda_engine(plan)
+    if engine is None:
+        raise StageError("TensorRT could not deserialize the plan it just built")
+    context = engine.create_execution_context()
+    chunks = []
+    for start in range(0, len(x), profile.max[0]):
+        batch = x[start : start + profile.max[0]]
+        rows = len(batch)
+        # The last chunk may be smaller than the profile's min batch: pad, then drop the rows.
+        batch = np.concatenate([batch, np.repeat(batch[-1:], max(0, profile.min[0] - rows), 0)])
+        chunks.append(_run_batch(trt, engine, context, batch)[:rows])
+    return np.concatenate(chunks)
+
+
+def _run_batch(trt: Any, engine: Any, context: Any, batch: np.ndarray) -> np.ndarray:
+    import torch
+
+    types = {
+        "FLOAT": torch.float32,
+        "HALF": torch.float16,
+        "BF16": torch.bfloat16,
+        "INT8": torch.int8,
+        "UINT8": torch.uint8,
+        "INT32": torch.int32,
+        "INT64": torch.int64,
+        "BOOL": torch.bool,
+    }
+    buffers = {INPUT_NAME: torch.from_numpy(np.ascontiguousarray(batch)).cuda()}
+    context.set_input_shape(INPUT_NAME, tuple(batch.shape))
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        if name not in buffers:
+            shape = tuple(context.get_tensor_shape(name))
+            dtype = types[engine.get_tensor_dtype(name).name]
+            buffers[name] = torch.empty(shape, dtype=dtype, device="cuda")
+        context.set_tensor_address(name, buffers[name].data_ptr())
+    # The current stream: the host-to-device copy above and .cpu() below are ordered with it.
+    if not context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+        raise StageError("TensorRT execute_async_v3 failed on the test split")
+    return buffers[LOGITS_NAME].float().cpu().numpy()
