@@ -1,0 +1,278 @@
+"""Routes: the Open Inference Protocol v2 REST API, /v1/classify and /metrics.
+
+Status codes follow Triton: 400 bad request, 404 unknown model or route, 405 wrong
+method, 413 body too large (serving.http), 503 not ready / queue full (with
+Retry-After), 504 queue timeout, 500 backend failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from dataclasses import dataclass
+from time import perf_counter
+from typing import Any
+from urllib.parse import unquote
+
+import numpy as np
+
+from serving import classify
+from serving.backends import Backend
+from serving.config import ServerConfig
+from serving.http import Request
+from serving.metrics import CONTENT_TYPE, Metrics
+from serving.protocol import InferCodec, InferRequest, ProtocolError
+from serving.scheduler import BackendFailure, QueueTimeout, Scheduler
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tensorferry")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0+unknown"
+
+
+RETRY = {"Retry-After": "1"}
+
+
+@dataclass
+class State:
+    ready: bool = False
+    draining: bool = False
+    inflight: int = 0
+
+
+class App:
+    def __init__(
+        self, config: ServerConfig, backend: Backend, scheduler: Scheduler, metrics: Metrics
+    ) -> None:
+        self.config = config
+        self.backend = backend
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self.state = State()
+        self.name = config.model_name or backend.contract.model_name
+        self._codec = InferCodec(
+            self.name, backend.inputs[0], backend.outputs, config.max_batch_size
+        )
+        self._version = _version()
+        # Read at scrape time: free on the request path.
+        metrics.pending.set_function(lambda: scheduler.queued)
+        metrics.inflight.set_function(lambda: self.state.inflight)
+        self._routes = {
+            "/v2/health/live": ("GET", lambda r: r.respond(200, [b""])),
+            "/v2/health/ready": ("GET", self._ready),
+            "/v2": ("GET", lambda r: r.respond_json(200, self._server_metadata())),
+            "/metrics": ("GET", lambda r: r.respond(200, [metrics.render()], CONTENT_TYPE)),
+            "/v1/classify": ("POST", self._classify),
+        }
+
+    def __call__(self, request: Request) -> None:
+        path = request.path
+        if path.startswith("/v2/models/"):
+            return self._model_route(request, path[len("/v2/models/") :])
+        route = self._routes.get(path.rstrip("/") or path)
+        if route is None:
+            return request.error(404, "Not Found")
+        method, handler = route
+        if request.method != method:
+            return request.error(405, f"{path} takes {method}, not {request.method}")
+        handler(request)
+
+    # metadata and health
+    def _ready(self, request: Request) -> None:
+        if self.state.ready:
+            request.respond(200, [b""])
+        else:
+            request.error(503, "not ready", RETRY)
+
+    def _server_metadata(self) -> dict[str, Any]:
+        return {
+            "name": "tensorferry",
+            "version": self._version,
+            "extensions": ["binary_tensor_data"],
+        }
+
+    def _model_metadata(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "versions": ["1"],
+            "platform": self.backend.platform,
+            "inputs": [s.to_json() for s in self.backend.inputs],
+            "outputs": [s.to_json() for s in self.backend.outputs],
+        }
+
+    def _model_config(self) -> dict[str, Any]:
+        def tensor(spec: Any) -> dict[str, Any]:
+            return {
+                "name": spec.name,
+                "data_type": "TYPE_" + spec.datatype,
+                "dims": list(spec.shape[1:]),
+            }
+
+        contract = self.backend.contract.to_metadata()
+        return {
+            "name": self.name,
+            "platform": self.backend.platform,
+            "backend": self.backend.info["backend"],
+            "max_batch_size": self.config.max_batch_size,
+            "input": [{**tensor(s), "format": "FORMAT_NCHW"} for s in self.backend.inputs],
+            "output": [tensor(s) for s in self.backend.outputs],
+            "dynamic_batching": {
+                "max_queue_delay_microseconds": self.config.max_queue_delay_us,
+                "default_queue_policy": {
+                    "max_queue_size": self.config.max_queue_size,
+                    "default_timeout_microseconds": self.config.timeout_ms * 1000,
+                    "timeout_action": "REJECT",
+                },
+            },
+            "parameters": {k: {"string_value": v} for k, v in contract.items()},
+        }
+
+    def _model_route(self, request: Request, rest: str) -> None:
+        parts = rest.rstrip("/").split("/")
+        name = unquote(parts[0])
+        if name != self.name:
+            return request.error(404, f"Request for unknown model: '{name}' is not found")
+        action = parts[1:]
+        if action[:1] == ["versions"]:
+            if len(action) < 2 or action[1] != "1":
+                return request.error(
+                    404, f"Request for unknown model: '{name}' has no such version"
+                )
+            action = action[2:]
+        verb = "/".join(action)
+        methods = {"": "GET", "ready": "GET", "config": "GET", "infer": "POST"}
+        if verb not in methods:
+            return request.error(404, "Not Found")
+        if request.method != methods[verb]:
+            return request.error(
+                405, f"{verb or 'metadata'} takes {methods[verb]}, not {request.method}"
+            )
+        if verb == "infer":
+            return self._infer(request)
+        if verb == "ready":
+            return self._ready(request)
+        request.respond_json(
+            200, self._model_config() if verb == "config" else self._model_metadata()
+        )
+
+    # inference
+    def _admit(self, request: Request) -> bool:
+        """Accept an inference request; from here it counts as in flight until answered."""
+        if self.state.ready:
+            self.state.inflight += 1
+            return True
+        self.metrics.failure["rejected"].inc()
+        why = "server is shutting down" if self.state.draining else "model is not ready yet"
+        request.error(503, why, RETRY)
+        return False
+
+    def _bad_request(self, request: Request, exc: Exception) -> None:
+        self.state.inflight -= 1
+        self.metrics.failure["bad_request"].inc()
+        request.error(400, str(exc))
+
+    def _timeout_s(self, requested_us: int | None) -> float | None:
+        limits = [t for t in (self.config.timeout_ms * 1000, requested_us) if t]
+        return min(limits) / 1e6 if limits else None  # a request may shorten, never lengthen
+
+    def _infer(self, request: Request) -> None:
+        if not self._admit(request):
+            return
+        start = perf_counter()
+        try:
+            body = _decoded_body(request, self.config.max_request_bytes)
+            parsed = self._codec.decode(body, _header_length(request))
+        except ProtocolError as exc:
+            return self._bad_request(request, exc)
+
+        def done(outputs: dict[str, np.ndarray] | None, error: Exception | None) -> None:
+            if outputs is not None:
+                parts, header_length = self._codec.encode(parsed, outputs)
+                extra = (
+                    {}
+                    if header_length is None
+                    else {"Inference-Header-Content-Length": str(header_length)}
+                )
+                ctype = "application/json" if header_length is None else "application/octet-stream"
+                request.respond(200, parts, ctype, extra)
+            self._finish(request, error, start)
+
+        self._submit(request, parsed.array, done, parsed)
+
+    def _submit(
+        self, request: Request, array: np.ndarray, done: Any, parsed: InferRequest | None
+    ) -> bool:
+        timeout = self._timeout_s(parsed.timeout_us if parsed else None)
+        if not self.scheduler.submit(array, done, timeout):
+            self.state.inflight -= 1
+            self.metrics.failure["rejected"].inc()
+            request.error(503, "Exceeds maximum queue size", RETRY)
+            return False
+        return True
+
+    def _finish(self, request: Request, error: Exception | None, start: float) -> None:
+        """Account for an answered request; answer it if ``error`` says it failed."""
+        self.state.inflight -= 1
+        if isinstance(error, QueueTimeout):
+            self.metrics.failure["timeout"].inc()
+            request.error(504, str(error))
+        elif error is not None:
+            self.metrics.failure["backend"].inc()
+            request.error(500, str(error) if isinstance(error, BackendFailure) else repr(error))
+        else:
+            self.metrics.success.inc()
+        self.metrics.request_seconds.observe(perf_counter() - start)
+
+    # classify
+    def _classify(self, request: Request) -> None:
+        if self._admit(request):
+            asyncio.get_running_loop().create_task(self._classify_async(request))
+
+    async def _classify_async(self, request: Request) -> None:
+        start = perf_counter()
+        contract = self.backend.contract
+        loop = asyncio.get_running_loop()
+        try:
+            k = classify.parse_top_k(request.query, len(contract.class_names))
+            data = classify.image_bytes(request.body, request.headers.get("content-type", ""))
+            # Decoding can take milliseconds: keep it off the event loop.
+            array = await loop.run_in_executor(None, classify.preprocess, data, contract)
+        except ProtocolError as exc:
+            return self._bad_request(request, exc)
+        answered: asyncio.Future[tuple[Any, Exception | None]] = loop.create_future()
+        if not self._submit(request, array, lambda o, e: answered.set_result((o, e)), None):
+            return
+        outputs, error = await answered
+        if outputs is not None:
+            ranked = classify.top_k(classify.probabilities(outputs), contract.class_names, k)
+            request.respond_json(200, {"model_name": self.name, "predictions": ranked})
+        self._finish(request, error, start)
+
+
+def _header_length(request: Request) -> int | None:
+    value = request.headers.get("inference-header-content-length")
+    if value is None:
+        return None
+    if not value.strip().isdigit():
+        raise ProtocolError(f"Inference-Header-Content-Length must be a byte count, not {value!r}")
+    return int(value)
+
+
+def _decoded_body(request: Request, limit: int) -> bytes:
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    if encoding == "identity":
+        return request.body
+    if encoding not in ("gzip", "deflate"):
+        raise ProtocolError(f"unsupported Content-Encoding {encoding!r}; use gzip or deflate")
+    inflater = zlib.decompressobj(zlib.MAX_WBITS | (16 if encoding == "gzip" else 0))
+    try:
+        body = inflater.decompress(request.body, limit + 1)
+    except zlib.error as exc:
+        raise ProtocolError(f"body is not valid {encoding}: {exc}") from None
+    if len(body) > limit:
+        raise ProtocolError(f"decompressed body exceeds the limit of {limit} bytes")
+    return body

@@ -1,0 +1,186 @@
+"""Model runtimes behind one small interface: onnxruntime, and TensorRT imported lazily.
+
+The backend follows the file: ``.onnx``/``.ort`` through onnxruntime (CPU, CUDA or
+TensorRT execution provider), ``.trt``/``.plan`` through the TensorRT runtime. Both read
+names, shapes and class names from the artifact (ONNX metadata or engine sidecar).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from serving.compat import EngineError, load_sidecar, sidecar_path
+from serving.contract import ContractError, ModelContract
+from serving.protocol import TensorSpec
+
+log = logging.getLogger("serving")
+
+ONNX_SUFFIXES = (".onnx", ".ort")
+PLAN_SUFFIXES = (".trt", ".plan", ".engine")
+
+_ORT_TYPES = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+}
+
+_ORT_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+def _providers(provider: str, path: Path) -> list[Any]:
+    names: list[Any] = list(_ORT_PROVIDERS[provider])
+    if provider == "tensorrt":
+        # Cache the built engine beside the model: an uncached TensorRT build takes minutes.
+        # Without explicit profile shapes the EP widens its profile to the shapes it has
+        # seen, so warm-up runs batch 1 and the maximum first.
+        options = {
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(path.parent),
+            "trt_timing_cache_enable": True,
+        }
+        names[0] = (names[0], options)
+    return names
+
+
+class Backend(Protocol):
+    contract: ModelContract
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    platform: str  # Triton's platform string
+    info: dict[str, str]  # backend, provider, versions, precision: the info metric's labels
+    max_batch: int | None  # the most rows the engine accepts (a TensorRT profile); None: any
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]: ...
+
+
+@dataclass
+class OnnxRuntimeBackend:
+    contract: ModelContract
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    info: dict[str, str]
+    session: Any = field(repr=False)
+    platform: str = "onnxruntime_onnx"
+    max_batch: int | None = None
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        names = [o.name for o in self.outputs]
+        values = self.session.run(names, {self.inputs[0].name: batch})
+        return dict(zip(names, values, strict=True))
+
+
+def _spec(node: Any, what: str) -> TensorSpec:
+    datatype = _ORT_TYPES.get(node.type)
+    if datatype is None:
+        raise EngineError(f"model {what} '{node.name}' has unsupported type {node.type}")
+    shape = tuple(d if isinstance(d, int) and d > 0 else -1 for d in node.shape)
+    return TensorSpec(node.name, datatype, shape)
+
+
+def check_io(contract: ModelContract, inputs: tuple[TensorSpec, ...], source: str) -> None:
+    """The graph must take what the contract says: one uint8 [N, C, H, W] input, batch dynamic."""
+    want = TensorSpec(
+        contract.input_name, contract.input_dtype.upper(), (-1, *contract.input_shape)
+    )
+    if len(inputs) != 1 or inputs[0] != want:
+        got = [f"{i.name} {i.datatype} {list(i.shape)}" for i in inputs]
+        raise EngineError(
+            f"{source} inputs {got} do not match its metadata "
+            f"({want.name} {want.datatype} {list(want.shape)} with a dynamic batch)"
+        )
+
+
+def _ort_session(path: Path, provider: str, threads: int) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Spinning intra-op threads would steal the core the event loop needs between batches.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=_providers(provider, path))
+    except Exception as exc:  # onnxruntime raises its own pybind types for every load failure
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EngineError(f"{path} is not a loadable ONNX model: {first}") from None
+
+
+def _warn_on_fallback(session: Any, provider: str) -> str:
+    """Name the provider in use; onnxruntime-gpu falls back to CPU without failing."""
+    wanted = _ORT_PROVIDERS[provider][0]
+    active = session.get_providers()
+    if active[0] != wanted:
+        log.warning(
+            "!!! asked for %s but onnxruntime is running on %s (active providers %s); "
+            "check the CUDA/TensorRT libraries and the onnxruntime-gpu install !!!",
+            wanted,
+            active[0],
+            active,
+        )
+    return active[0].removesuffix("ExecutionProvider").lower()
+
+
+def _onnx_contract(session: Any, path: Path) -> ModelContract:
+    metadata = session.get_modelmeta().custom_metadata_map
+    if not metadata and sidecar_path(path).exists():
+        # ORT-format files may drop metadata_props; the sidecar carries the same keys.
+        metadata = load_sidecar(path)["metadata"]
+    try:
+        return ModelContract.from_metadata(metadata, source=str(path))
+    except ContractError as exc:
+        raise EngineError(str(exc)) from None
+
+
+def load_onnxruntime(path: Path, provider: str = "cpu", threads: int = 0) -> OnnxRuntimeBackend:
+    import onnxruntime as ort
+
+    session = _ort_session(path, provider, threads)
+    contract = _onnx_contract(session, path)
+    inputs = tuple(_spec(node, "input") for node in session.get_inputs())
+    outputs = tuple(_spec(node, "output") for node in session.get_outputs())
+    check_io(contract, inputs, str(path))
+    info = {
+        "backend": "onnxruntime",
+        "provider": _warn_on_fallback(session, provider),
+        "onnxruntime_version": ort.__version__,
+        "tensorrt_version": "",
+        "precision": contract.precision,
+    }
+    return OnnxRuntimeBackend(contract, inputs, outputs, info, session)
+
+
+def load_backend(path: Path, provider: str = "cpu", threads: int = 0) -> Backend:
+    """Open the engine the way its suffix says; EngineError with one line if it can't be."""
+    if not path.is_file():
+        raise EngineError(f"engine file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix in ONNX_SUFFIXES:
+        return load_onnxruntime(path, provider, threads)
+    if suffix in PLAN_SUFFIXES:
+        from serving.trt_backend import load_tensorrt
+
+        return load_tensorrt(path)
+    known = ", ".join(ONNX_SUFFIXES + PLAN_SUFFIXES)
+    raise EngineError(
+        f"engine file {path} has suffix {suffix or '(none)'}; expected one of {known}"
+    )

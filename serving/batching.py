@@ -1,0 +1,114 @@
+"""The dynamic-batching policy: which queued requests run together, and when.
+
+Pure and clock-free (callers pass ``now``) so it is unit-tested over sizes and delays
+without threads or sleeps. Semantics follow Triton's dynamic batcher, with one change
+that matters at low load: a request that finds the worker idle is not held back to wait
+for company, so ``max_delay_s`` only ever applies to requests that queued behind a
+running batch.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(eq=False)
+class Pending(Generic[T]):
+    """One queued request: ``rows`` batch rows that must come back to ``item``."""
+
+    item: T
+    rows: int
+    enqueued: float
+    queued: bool = field(default=True, repr=False)
+
+
+class BatchQueue(Generic[T]):
+    """A bounded FIFO of requests that hands out batches of at most ``max_batch_size`` rows."""
+
+    def __init__(self, max_batch_size: int, max_delay_s: float, max_queue_size: int = 0) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max(0.0, max_delay_s)
+        self.max_queue_size = max_queue_size  # 0: unbounded, as in Triton
+        self._queue: deque[Pending[T]] = deque()
+        self._requests = 0
+        self._rows = 0
+
+    def __len__(self) -> int:
+        return self._requests
+
+    @property
+    def rows(self) -> int:
+        return self._rows
+
+    @property
+    def full(self) -> bool:
+        """A whole batch is waiting: worth queueing behind a running one."""
+        return self._rows >= self.max_batch_size
+
+    def put(self, item: T, rows: int, now: float) -> Pending[T] | None:
+        """Queue a request; ``None`` when the queue is full (reject it, don't block)."""
+        if not 1 <= rows <= self.max_batch_size:
+            raise ValueError(f"a request must have 1 to {self.max_batch_size} rows, not {rows}")
+        if self.max_queue_size and self._requests >= self.max_queue_size:
+            return None
+        pending = Pending(item, rows, now)
+        self._queue.append(pending)
+        self._requests += 1
+        self._rows += rows
+        return pending
+
+    def discard(self, pending: Pending[T]) -> bool:
+        """Drop a still-queued request (it timed out); ``False`` if it already left."""
+        if not pending.queued:
+            return False
+        # Marked, not removed: deque removal is O(n) and take() skips marked entries anyway.
+        pending.queued = False
+        self._requests -= 1
+        self._rows -= pending.rows
+        return True
+
+    def ready(self, now: float, idle_since: float | None) -> bool:
+        """Whether a batch should start now, given when the worker became idle (None: busy)."""
+        self._drop_cancelled_head()
+        if idle_since is None or not self._queue:
+            return False
+        oldest = self._queue[0].enqueued
+        return (
+            self._rows >= self.max_batch_size
+            or oldest >= idle_since  # arrived to an idle worker: low load, go at once
+            or now >= oldest + self.max_delay_s  # the same sum wake_at() returns
+        )
+
+    def take(self) -> list[T]:
+        """Pop the oldest requests, in order, while their rows fit in one batch."""
+        batch: list[T] = []
+        rows = 0
+        while self._queue:
+            head = self._queue[0]
+            if not head.queued:
+                self._queue.popleft()
+                continue
+            if rows + head.rows > self.max_batch_size:
+                break
+            self._queue.popleft()
+            head.queued = False
+            rows += head.rows
+            batch.append(head.item)
+        self._requests -= len(batch)
+        self._rows -= rows
+        return batch
+
+    def wake_at(self) -> float | None:
+        """When the oldest request's delay runs out; ``None`` with nothing queued."""
+        self._drop_cancelled_head()
+        return self._queue[0].enqueued + self.max_delay_s if self._queue else None
+
+    def _drop_cancelled_head(self) -> None:
+        while self._queue and not self._queue[0].queued:
+            self._queue.popleft()

@@ -1,0 +1,88 @@
+"""``POST /v1/classify``: an image file in, the model's top-k class names out.
+
+Preprocessing is what the contract records: resize to the input H, W and convert to its
+channel count. Normalisation is inside the graph, so the model gets uint8 pixels.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+
+from serving.contract import ModelContract
+from serving.protocol import ProtocolError
+
+
+def image_bytes(body: bytes, content_type: str) -> bytes:
+    """The image file in a raw body or in the first file part of a multipart form."""
+    if not content_type.lower().startswith("multipart/form-data"):
+        return body
+    boundary = next(
+        (
+            p.split("=", 1)[1].strip('"')
+            for p in content_type.split(";")
+            if p.strip().startswith("boundary=")
+        ),
+        "",
+    )
+    if not boundary:
+        raise ProtocolError("multipart body without a boundary")
+    for part in body.split(b"--" + boundary.encode())[1:]:
+        head, sep, content = part.partition(b"\r\n\r\n")
+        if sep and (b"filename=" in head or b'name="file"' in head or b'name="image"' in head):
+            return content.removesuffix(b"\r\n")
+    raise ProtocolError("multipart body has no file part (send the image as a 'file' field)")
+
+
+def preprocess(data: bytes, contract: ModelContract) -> np.ndarray:
+    """Decode, convert and resize an image into a [1, C, H, W] uint8 batch."""
+    from PIL import Image, UnidentifiedImageError
+
+    channels, height, width = contract.input_shape
+    if channels not in (1, 3):
+        raise ProtocolError(f"classify supports 1- or 3-channel models, not {channels}")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image = image.convert("RGB" if channels == 3 else "L")
+            image = image.resize((width, height), Image.Resampling.BILINEAR)
+            pixels = np.asarray(image, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ProtocolError(f"body is not a decodable image (PNG or JPEG): {exc}") from None
+    if channels == 1:
+        pixels = pixels[:, :, None]
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1)[None])
+
+
+def probabilities(outputs: dict[str, np.ndarray]) -> np.ndarray:
+    if "probabilities" in outputs:
+        return outputs["probabilities"][0]
+    logits = outputs["logits"][0].astype(np.float64)
+    exp = np.exp(logits - logits.max())
+    return exp / exp.sum()
+
+
+def top_k(probs: np.ndarray, class_names: tuple[str, ...], k: int) -> list[dict[str, Any]]:
+    order = np.argsort(-probs, kind="stable")[:k]
+    return [
+        {
+            "index": int(i),
+            "class": class_names[i] if i < len(class_names) else str(i),
+            "probability": float(probs[i]),
+        }
+        for i in order
+    ]
+
+
+def parse_top_k(query: str, classes: int) -> int:
+    from urllib.parse import parse_qs
+
+    values = parse_qs(query).get("top_k", ["5"])
+    try:
+        k = int(values[-1])
+    except ValueError:
+        raise ProtocolError(f"top_k must be a positive integer, not {values[-1]!r}") from None
+    if k < 1:
+        raise ProtocolError(f"top_k must be a positive integer, not {k}")
+    return min(k, classes)

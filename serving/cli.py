@@ -1,0 +1,133 @@
+"""``serve``: a thin typer layer over serving.server.serve."""
+
+from __future__ import annotations
+
+import logging
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from serving.compat import EngineError
+from serving.config import ServerConfig
+
+
+class Provider(StrEnum):
+    cpu = "cpu"
+    cuda = "cuda"
+    tensorrt = "tensorrt"
+
+
+def _env(name: str) -> str:
+    return f"TENSORFERRY_{name}"
+
+
+def serve_command(
+    engine: Annotated[
+        Path,
+        typer.Option(
+            help="Model to serve: .onnx/.ort (onnxruntime) or .trt/.plan (TensorRT, "
+            "with its .json sidecar).",
+            envvar=_env("ENGINE"),
+        ),
+    ],
+    model_name: Annotated[
+        str | None,
+        typer.Option(
+            help="Name in URLs and metrics; default: the name the artifact records.",
+            envvar=_env("MODEL_NAME"),
+        ),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to bind.", envvar=_env("HOST"))] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option(help="Port to bind; 0 picks a free one.", envvar=_env("PORT"))
+    ] = 8000,
+    max_batch_size: Annotated[
+        int, typer.Option(help="Most rows (images) per backend run.", envvar=_env("MAX_BATCH_SIZE"))
+    ] = 64,
+    max_queue_delay_us: Annotated[
+        int,
+        typer.Option(
+            help="How long a request that queued behind a running batch may wait for a "
+            "fuller batch (µs). Requests reaching an idle server never wait.",
+            envvar=_env("MAX_QUEUE_DELAY_US"),
+        ),
+    ] = 100,
+    max_queue_size: Annotated[
+        int,
+        typer.Option(
+            help="Queued requests beyond which new ones get 503; 0 = unbounded.",
+            envvar=_env("MAX_QUEUE_SIZE"),
+        ),
+    ] = 1024,
+    timeout_ms: Annotated[
+        int,
+        typer.Option(
+            help="Answer 504 to a request still queued after this long; 0 = never.",
+            envvar=_env("TIMEOUT_MS"),
+        ),
+    ] = 0,
+    provider: Annotated[
+        Provider,
+        typer.Option(
+            help="onnxruntime execution provider (ignored for .trt plans).", envvar=_env("PROVIDER")
+        ),
+    ] = Provider.cpu,
+    threads: Annotated[
+        int,
+        typer.Option(
+            help="onnxruntime intra-op threads; 0 = one per core.", envvar=_env("THREADS")
+        ),
+    ] = 0,
+    warmup: Annotated[
+        bool,
+        typer.Option(
+            "--warmup/--no-warmup",
+            help="Run batch 1, the maximum and the powers of 2 between before reporting ready.",
+            envvar=_env("WARMUP"),
+        ),
+    ] = True,
+    max_request_mb: Annotated[
+        float,
+        typer.Option(
+            help="Largest request body accepted (413 beyond).", envvar=_env("MAX_REQUEST_MB")
+        ),
+    ] = 64.0,
+    grace_s: Annotated[
+        float,
+        typer.Option(
+            help="On SIGTERM, how long queued requests may take to finish.", envvar=_env("GRACE_S")
+        ),
+    ] = 30.0,
+    log_level: Annotated[
+        str, typer.Option(help="Python logging level.", envvar=_env("LOG_LEVEL"))
+    ] = "INFO",
+) -> None:
+    """Serve an ONNX model or TensorRT engine over the Open Inference Protocol (v2 REST)."""
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = ServerConfig(
+            engine=engine, model_name=model_name, host=host, port=port,
+            max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
+            max_queue_size=max_queue_size, timeout_ms=timeout_ms, provider=provider.value,
+            threads=threads, warmup=warmup, max_request_bytes=int(max_request_mb * 1024 * 1024),
+            grace_s=grace_s,
+        )  # fmt: skip
+        from serving.server import serve
+
+        code = serve(config)
+    except (EngineError, ValueError) as exc:
+        typer.echo(f"serve: error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)
+
+
+app = typer.Typer(add_completion=False)
+app.command()(serve_command)
+
+
+def main() -> None:
+    app()

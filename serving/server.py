@@ -1,0 +1,120 @@
+"""Start-up, readiness and graceful shutdown around the app.
+
+Order: load the engine (a bad one stops start-up before any port opens), listen, warm
+up at the batch sizes the batcher will form, then report ready. SIGTERM/SIGINT flip
+readiness off at once, keep answering (new inference gets 503), let queued and running
+requests finish, then exit 0, or 1 if the grace period ran out first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from time import perf_counter
+
+import numpy as np
+
+from serving.app import App
+from serving.backends import Backend, load_backend
+from serving.batching import BatchQueue
+from serving.compat import EngineError
+from serving.config import ServerConfig
+from serving.http import HttpConnection
+from serving.metrics import Metrics
+from serving.scheduler import Scheduler
+
+log = logging.getLogger("serving")
+
+
+def warmup_sizes(max_batch_size: int) -> list[int]:
+    """1 and the maximum first (TensorRT EP profiles widen to what they see), then powers of 2."""
+    sizes = [1, max_batch_size]
+    size = 2
+    while size < max_batch_size:
+        sizes.append(size)
+        size *= 2
+    return list(dict.fromkeys(sizes))
+
+
+def warm(backend: Backend, sizes: list[int]) -> None:
+    spec = backend.inputs[0]
+    for size in sizes:
+        backend.run(np.zeros((size, *spec.shape[1:]), dtype=np.uint8))
+
+
+def load(config: ServerConfig) -> Backend:
+    backend = load_backend(config.engine, config.provider, config.threads)
+    if backend.max_batch is not None and config.max_batch_size > backend.max_batch:
+        raise EngineError(
+            f"{config.engine} accepts batches up to {backend.max_batch}; "
+            f"lower --max-batch-size from {config.max_batch_size}"
+        )
+    return backend
+
+
+async def _drain(app: App, grace_s: float) -> bool:
+    deadline = perf_counter() + grace_s
+    while not (app.scheduler.idle and app.state.inflight == 0):
+        if perf_counter() > deadline:
+            return False
+        await asyncio.sleep(0.005)
+    return True
+
+
+async def run_server(config: ServerConfig, backend: Backend, started: float) -> int:
+    loop = asyncio.get_running_loop()
+    name = config.model_name or backend.contract.model_name
+    metrics = Metrics(name, config.max_batch_size, backend.info)
+    batches = BatchQueue(
+        config.max_batch_size, config.max_queue_delay_us / 1e6, config.max_queue_size
+    )
+    scheduler = Scheduler(backend, batches, metrics, loop)
+    app = App(config, backend, scheduler, metrics)
+    connections: set[HttpConnection] = set()
+    server = await loop.create_server(
+        lambda: HttpConnection(app, config.max_request_bytes, connections),
+        config.host,
+        config.port,
+        reuse_address=True,
+        backlog=2048,
+    )
+    host, port = server.sockets[0].getsockname()[:2]
+    log.info(
+        "listening on http://%s:%d (model %s, %s on %s)",
+        host,
+        port,
+        name,
+        backend.info["backend"],
+        backend.info["provider"],
+    )
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if config.warmup:
+        await loop.run_in_executor(None, warm, backend, warmup_sizes(config.max_batch_size))
+    scheduler.start()
+    metrics.load_seconds.set(perf_counter() - started)
+    app.state.ready = not stop.is_set()
+    log.info("ready in %.2f s", perf_counter() - started)
+    await stop.wait()
+    app.state.ready, app.state.draining = False, True
+    log.info("draining: %d requests in flight", app.state.inflight)
+    drained = await _drain(app, config.grace_s)
+    server.close()
+    for connection in list(connections):
+        connection.close()
+    scheduler.stop()
+    log.info("stopped" if drained else "grace period ran out with requests unanswered")
+    return 0 if drained else 1
+
+
+def serve(config: ServerConfig) -> int:
+    """Run until SIGTERM/SIGINT; EngineError (one line) if the engine can't be served."""
+    started = perf_counter()
+    backend = load(config)
+    try:
+        import uvloop
+    except ImportError:  # Windows, or a minimal install: asyncio's loop works, slower
+        return asyncio.run(run_server(config, backend, started))
+    return uvloop.run(run_server(config, backend, started))

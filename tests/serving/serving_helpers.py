@@ -1,0 +1,186 @@
+"""Small ONNX models carrying the tensorferry contract, and a real server process to test.
+
+Models are built with onnx.helper (no torch): Cast -> Div -> Flatten -> Gemm gives
+``logits``, Softmax gives ``probabilities``. The "slow" variant adds a batch-independent
+matrix chain so every backend run takes a predictable while (for queue tests).
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from serving.contract import ModelContract
+
+REPO = Path(__file__).resolve().parents[2]
+CLASSES = ("cat", "dog", "ship", "truck")
+
+
+def contract(shape: tuple[int, int, int] = (3, 8, 8), name: str = "tiny") -> ModelContract:
+    return ModelContract(
+        model_name=name,
+        class_names=CLASSES,
+        input_name="images",
+        input_layout="NCHW",
+        input_shape=shape,
+        input_dtype="uint8",
+        value_range=(0.0, 255.0),
+        precision="fp32",
+    )
+
+
+def _slow_nodes(size: int, rounds: int, rng: np.random.Generator) -> tuple[list, list]:
+    """Nodes that cost ``rounds`` [size x size] matmuls per run and add 0 to the logits."""
+    inits = [
+        numpy_helper.from_array(
+            rng.standard_normal((size, size)).astype(np.float32) / size, "w_slow"
+        )
+    ]
+    inits.append(numpy_helper.from_array(np.array(0.0, np.float32), "zero"))
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["mean"], keepdims=0),
+        helper.make_node("Mul", ["mean", "w_slow"], ["slow_0"]),
+    ]
+    for i in range(rounds):
+        nodes.append(helper.make_node("MatMul", [f"slow_{i}", "w_slow"], [f"slow_{i + 1}"]))
+    nodes += [
+        helper.make_node("ReduceMean", [f"slow_{rounds}"], ["slow_mean"], keepdims=0),
+        helper.make_node("Mul", ["slow_mean", "zero"], ["slow_zero"]),
+        helper.make_node("Add", ["gemm", "slow_zero"], ["logits"]),
+    ]
+    return nodes, inits
+
+
+def build_model(
+    path: Path,
+    *,
+    shape: tuple[int, int, int] = (3, 8, 8),
+    metadata: dict[str, str] | None = None,
+    slow_rounds: int = 0,
+    batch_dim: str | int = "batch",
+    seed: int = 0,
+) -> Path:
+    rng = np.random.default_rng(seed)
+    features = int(np.prod(shape))
+    inits = [
+        numpy_helper.from_array(np.array(255.0, np.float32), "scale"),
+        numpy_helper.from_array(
+            rng.standard_normal((features, len(CLASSES))).astype(np.float32), "w"
+        ),
+        numpy_helper.from_array(rng.standard_normal(len(CLASSES)).astype(np.float32), "b"),
+    ]
+    gemm_out = "gemm" if slow_rounds else "logits"
+    nodes = [
+        helper.make_node("Cast", ["images"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["f", "scale"], ["x"]),
+        helper.make_node("Flatten", ["x"], ["flat"], axis=1),
+        helper.make_node("Gemm", ["flat", "w", "b"], [gemm_out]),
+    ]
+    if slow_rounds:
+        slow, slow_inits = _slow_nodes(512, slow_rounds, rng)
+        nodes += slow
+        inits += slow_inits
+    nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1))
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, [batch_dim, *shape])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch_dim, len(CLASSES)]),
+            helper.make_tensor_value_info(
+                "probabilities", TensorProto.FLOAT, [batch_dim, len(CLASSES)]
+            ),
+        ],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.helper.set_model_props(
+        model, contract(shape).to_metadata() if metadata is None else metadata
+    )
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    """``python -m serving`` on an ephemeral loopback port, its log collected in a thread."""
+
+    proc: subprocess.Popen
+    url: str = ""
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def host_port(self) -> str:
+        return self.url.removeprefix("http://")
+
+    def connection(self, timeout: float = 30) -> http.client.HTTPConnection:
+        host, port = self.host_port.split(":")
+        return http.client.HTTPConnection(host, int(port), timeout=timeout)
+
+    def terminate(self, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+
+def _pump(server: ServerProcess, found: threading.Event) -> None:
+    assert server.proc.stderr is not None
+    for line in server.proc.stderr:
+        server.log.append(line.rstrip())
+        match = re.search(r"listening on (http://[\d.]+:\d+)", line)
+        if match:
+            server.url = match.group(1)
+            found.set()
+    found.set()
+
+
+def start_server(
+    engine: Path, *args: str, env: dict[str, str] | None = None, ready: bool = True
+) -> ServerProcess:
+    command = [sys.executable, "-m", "serving", "--engine", str(engine), "--port", "0", *args]
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    proc = subprocess.Popen(command, cwd=REPO, env=full_env, stderr=subprocess.PIPE, text=True)
+    server = ServerProcess(proc)
+    found = threading.Event()
+    threading.Thread(target=_pump, args=(server, found), daemon=True).start()
+    if not found.wait(30) or not server.url:
+        proc.kill()
+        raise RuntimeError("server did not start:\n" + "\n".join(server.log))
+    if ready:
+        wait_ready(server)
+    return server
+
+
+def wait_ready(server: ServerProcess, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(server.url + "/v2/health/ready", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.02)
+    raise RuntimeError("server never became ready:\n" + "\n".join(server.log))

@@ -1,0 +1,37 @@
+"""onnxruntime backend: contract read from metadata, loud provider fallback, warm-up sizes."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serving.backends import load_onnxruntime
+from serving.server import warmup_sizes
+
+
+def test_reads_contract_and_io(tiny_model: Path) -> None:
+    backend = load_onnxruntime(tiny_model, "cpu", 1)
+    assert backend.contract.class_names == ("cat", "dog", "ship", "truck")
+    assert backend.inputs[0].shape == (-1, 3, 8, 8) and backend.inputs[0].datatype == "UINT8"
+    out = backend.run(np.zeros((3, 3, 8, 8), np.uint8))
+    assert out["logits"].shape == (3, 4) and out["probabilities"].shape == (3, 4)
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider")
+@pytest.mark.parametrize("provider", ["cuda", "tensorrt"])
+def test_gpu_fallback_to_cpu_is_loud(tiny_model: Path, provider: str, caplog) -> None:
+    caplog.set_level(logging.WARNING, "serving")
+    backend = load_onnxruntime(tiny_model, provider, 1)
+    assert backend.info["provider"] == "cpu"  # what actually runs, from session.get_providers()
+    assert any(
+        "onnxruntime is running on CPUExecutionProvider" in r.message for r in caplog.records
+    )
+
+
+def test_warmup_covers_the_ends_first() -> None:
+    assert warmup_sizes(64) == [1, 64, 2, 4, 8, 16, 32]
+    assert warmup_sizes(1) == [1]
+    assert warmup_sizes(6) == [1, 6, 2, 4]

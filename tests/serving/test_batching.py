@@ -1,0 +1,113 @@
+"""The batch policy as a pure object: sizes, delays, the idle rule, timeouts, the bound."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from serving.batching import BatchQueue
+
+IDLE_LONG_AGO = float("-inf")
+BUSY = None
+
+
+def queue_of(
+    *rows: int, max_batch: int = 8, delay: float = 0.001, at: float = 0.0
+) -> BatchQueue[str]:
+    queue: BatchQueue[str] = BatchQueue(max_batch, delay)
+    for i, n in enumerate(rows):
+        queue.put(f"r{i}", n, at)
+    return queue
+
+
+def test_request_to_an_idle_worker_goes_at_once() -> None:
+    queue = queue_of(1, at=5.0)
+    assert queue.ready(now=5.0, idle_since=IDLE_LONG_AGO)
+    assert queue.take() == ["r0"]
+
+
+def test_nothing_starts_while_the_worker_is_busy() -> None:
+    queue = queue_of(8, 8)
+    assert not queue.ready(now=100.0, idle_since=BUSY)
+
+
+def test_requests_that_queued_behind_a_batch_wait_up_to_the_delay() -> None:
+    queue = queue_of(1, 2, delay=0.001, at=1.0)  # arrived while a batch ran
+    assert not queue.ready(now=1.0005, idle_since=1.0002)
+    assert queue.wake_at() == pytest.approx(1.001)
+    assert queue.ready(now=1.001, idle_since=1.0002)
+    assert queue.take() == ["r0", "r1"]
+
+
+def test_full_batch_goes_without_waiting() -> None:
+    queue = queue_of(4, 4, 3, max_batch=8, delay=10.0, at=1.0)
+    assert queue.ready(now=1.0, idle_since=2.0)
+    assert queue.take() == ["r0", "r1"]  # 8 rows; r2 would overflow
+    assert len(queue) == 1 and queue.rows == 3
+
+
+def test_take_keeps_order_and_never_splits_a_request() -> None:
+    queue = queue_of(3, 6, 1, max_batch=8)
+    assert queue.take() == ["r0"]  # r1 doesn't fit after r0, and r2 must not overtake it
+    assert queue.take() == ["r1", "r2"]
+    assert queue.take() == []
+
+
+def test_zero_delay_always_ready_when_idle() -> None:
+    queue = queue_of(1, delay=0.0, at=3.0)
+    assert queue.ready(now=3.0, idle_since=4.0)
+
+
+def test_bounded_queue_rejects_instead_of_blocking() -> None:
+    queue: BatchQueue[str] = BatchQueue(8, 0.0, max_queue_size=2)
+    assert queue.put("a", 1, 0.0) and queue.put("b", 1, 0.0)
+    assert queue.put("c", 1, 0.0) is None
+    queue.take()
+    assert queue.put("c", 1, 0.0) is not None
+
+
+def test_discard_removes_a_timed_out_request_only_while_queued() -> None:
+    queue: BatchQueue[str] = BatchQueue(8, 0.0)
+    a = queue.put("a", 2, 0.0)
+    b = queue.put("b", 3, 0.0)
+    assert a is not None and b is not None
+    assert queue.discard(a) and not queue.discard(a)
+    assert len(queue) == 1 and queue.rows == 3
+    assert queue.take() == ["b"]
+    assert not queue.discard(b)  # already running: it completes
+    assert queue.wake_at() is None
+
+
+def test_rejects_impossible_row_counts() -> None:
+    queue: BatchQueue[str] = BatchQueue(4, 0.0)
+    with pytest.raises(ValueError):
+        queue.put("big", 5, 0.0)
+    with pytest.raises(ValueError):
+        BatchQueue(0, 0.0)
+
+
+@given(
+    rows=st.lists(st.integers(1, 16), min_size=1, max_size=60),
+    max_batch=st.integers(16, 64),
+    cancel=st.sets(st.integers(0, 59)),
+)
+def test_every_row_comes_back_once_in_order_within_the_cap(rows, max_batch, cancel) -> None:
+    queue: BatchQueue[int] = BatchQueue(max_batch, 0.0)
+    pendings = [queue.put(i, n, 0.0) for i, n in enumerate(rows)]
+    for i in cancel:
+        if i < len(pendings):
+            queue.discard(pendings[i])
+    taken: list[int] = []
+    while batch := queue.take():
+        assert sum(rows[i] for i in batch) <= max_batch
+        taken += batch
+    assert taken == [i for i in range(len(rows)) if i not in cancel]
+    assert len(queue) == 0 and queue.rows == 0
+
+
+def test_full_says_when_a_whole_batch_waits() -> None:
+    queue = queue_of(3, 4, max_batch=8)
+    assert not queue.full
+    queue.put("r2", 1, 0.0)
+    assert queue.full

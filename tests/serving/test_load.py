@@ -1,0 +1,160 @@
+"""Queueing under load on a deliberately slow model: batching, overload, timeouts, drain.
+
+The slow model spends a fixed ~0.3 s per backend run whatever the batch, so what is
+queued, batched, rejected or timed out is decided by timing we control.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.serving.serving_helpers import ServerProcess, build_model, start_server
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
+
+
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_model(tmp_path_factory.mktemp("slow") / "slow.onnx", slow_rounds=120)
+
+
+@pytest.fixture(scope="module")
+def slow_server(slow_model: Path) -> Iterator[ServerProcess]:
+    args = (
+        "--threads",
+        "1",
+        "--max-batch-size",
+        "4",
+        "--max-queue-size",
+        "3",
+        "--timeout-ms",
+        "5000",
+    )
+    process = start_server(slow_model, *args, "--no-warmup")
+    yield process
+    assert process.terminate() == 0, "\n".join(process.log)
+
+
+def infer_body(rows: int = 1, timeout_us: int | None = None) -> bytes:
+    request: dict = {
+        "inputs": [
+            {
+                "name": "images",
+                "shape": [rows, 3, 8, 8],
+                "datatype": "UINT8",
+                "data": [7] * (rows * 192),
+            }
+        ]
+    }
+    if timeout_us is not None:
+        request["parameters"] = {"timeout": timeout_us}
+    return json.dumps(request).encode()
+
+
+def post(
+    server: ServerProcess, body: bytes, path: str = "/v2/models/tiny/infer"
+) -> tuple[int, dict, float]:
+    """One request on its own connection: (status, JSON body, seconds); reads one response."""
+    start = time.perf_counter()
+    connection = server.connection()
+    try:
+        connection.request("POST", path, body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        payload = json.loads(response.read() or b"{}")
+        return (
+            response.status,
+            {**payload, "_retry_after": response.headers.get("Retry-After")},
+            time.perf_counter() - start,
+        )
+    finally:
+        connection.close()
+
+
+def in_threads(count: int, target, stagger_s: float = 0.0) -> list:
+    results: list = [None] * count
+
+    def run(i: int) -> None:
+        results[i] = target(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+        time.sleep(stagger_s)
+    for thread in threads:
+        thread.join(60)
+    return results
+
+
+def scrape(server: ServerProcess) -> dict[str, float]:
+    connection = server.connection()
+    connection.request("GET", "/metrics")
+    text = connection.getresponse().read().decode()
+    return {
+        sample.name + json.dumps(sample.labels, sort_keys=True): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_overload_rejects_with_503_and_batches_the_queue(slow_server: ServerProcess) -> None:
+    before = scrape(slow_server)
+    results = in_threads(10, lambda i: post(slow_server, infer_body()), stagger_s=0.005)
+    statuses = [status for status, _, _ in results]
+    assert len(results) == 10 and all(s in (200, 503) for s in statuses), statuses
+    assert statuses.count(503) >= 1 and statuses.count(200) >= 2
+    rejected = [payload for status, payload, _ in results if status == 503]
+    assert all(p["_retry_after"] == "1" and "maximum queue size" in p["error"] for p in rejected)
+    after = scrape(slow_server)
+    model = '{"model": "tiny"}'
+    assert after["tensorferry_request_success_total" + model] - before.get(
+        "tensorferry_request_success_total" + model, 0
+    ) == statuses.count(200)
+    rejected_key = 'tensorferry_request_failure_total{"model": "tiny", "reason": "rejected"}'
+    assert after[rejected_key] - before.get(rejected_key, 0) == statuses.count(503)
+    # The requests that queued behind the first one ran together.
+    batches = after["tensorferry_batch_size_count" + model] - before.get(
+        "tensorferry_batch_size_count" + model, 0
+    )
+    rows = after["tensorferry_batch_size_sum" + model] - before.get(
+        "tensorferry_batch_size_sum" + model, 0
+    )
+    assert rows == statuses.count(200) and batches < rows
+
+
+def test_queue_timeout_is_answered_while_queued(slow_server: ServerProcess) -> None:
+    busy = threading.Thread(target=post, args=(slow_server, infer_body()))
+    busy.start()
+    time.sleep(0.05)  # the first request is running (about 0.3 s)
+    status, payload, seconds = post(slow_server, infer_body(timeout_us=50_000))
+    busy.join()
+    assert status == 504 and "timeout" in payload["error"]
+    assert seconds < 0.2, f"answered after {seconds:.3f} s: waited for the running batch"
+    assert post(slow_server, infer_body())[0] == 200
+
+
+def test_sigterm_drains_queued_requests_then_exits_0(slow_model: Path) -> None:
+    server = start_server(slow_model, "--threads", "1", "--max-batch-size", "1", "--no-warmup")
+    results = []
+    workers = threading.Thread(
+        target=lambda: results.extend(in_threads(3, lambda i: post(server, infer_body())))
+    )
+    workers.start()
+    time.sleep(0.15)
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    ready = server.connection()
+    ready.request("GET", "/v2/health/ready")
+    assert ready.getresponse().status == 503
+    late_status, late, _ = post(server, infer_body())
+    assert late_status == 503 and "shutting down" in late["error"]
+    workers.join(30)
+    assert [status for status, _, _ in results] == [200, 200, 200]
+    assert server.proc.wait(15) == 0, "\n".join(server.log)
