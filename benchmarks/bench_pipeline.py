@@ -7,7 +7,7 @@ Claims checked (issue 2), on a 2-core CPU:
 
 Usage:
   python benchmarks/bench_pipeline.py repro [--runs 3]
-  python benchmarks/bench_pipeline.py mnist [--epochs 4] [--width 16]
+  python benchmarks/bench_pipeline.py mnist [--epochs 6] [--width 16]
   python benchmarks/bench_pipeline.py throughput
 Prints a Markdown table with the machine and versions; quote medians.
 """
@@ -93,7 +93,7 @@ def repro(runs: Annotated[int, typer.Option(help="Clean runs to take the median 
 
 @app.command()
 def mnist(
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 4,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 6,
     width: Annotated[int, typer.Option(help="resnet width.")] = 16,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
     lr: Annotated[float, typer.Option(help="Peak learning rate (one-cycle).")] = 0.004,

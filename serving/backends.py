@@ -45,15 +45,16 @@ _ORT_PROVIDERS = {
 }
 
 
-def _providers(provider: str, path: Path) -> list[Any]:
+def _providers(provider: str, path: Path, trt_cache_dir: Path | None) -> list[Any]:
     names: list[Any] = list(_ORT_PROVIDERS[provider])
     if provider == "tensorrt":
-        # Cache the built engine beside the model: an uncached TensorRT build takes minutes.
+        # Cache the built engine (beside the model unless told otherwise, e.g. for read-only
+        # model mounts): an uncached TensorRT build takes minutes.
         # Without explicit profile shapes the EP widens its profile to the shapes it has
         # seen, so warm-up runs batch 1 and the maximum first.
         options = {
             "trt_engine_cache_enable": True,
-            "trt_engine_cache_path": str(path.parent),
+            "trt_engine_cache_path": str(trt_cache_dir or path.parent),
             "trt_timing_cache_enable": True,
         }
         names[0] = (names[0], options)
@@ -108,7 +109,7 @@ def check_io(contract: ModelContract, inputs: tuple[TensorSpec, ...], source: st
         )
 
 
-def _ort_session(path: Path, provider: str, threads: int) -> Any:
+def _ort_session(path: Path, provider: str, threads: int, trt_cache_dir: Path | None) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -119,7 +120,9 @@ def _ort_session(path: Path, provider: str, threads: int) -> Any:
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), options, providers=_providers(provider, path))
+        return ort.InferenceSession(
+            str(path), options, providers=_providers(provider, path, trt_cache_dir)
+        )
     except Exception as exc:  # onnxruntime raises its own pybind types for every load failure
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EngineError(f"{path} is not a loadable ONNX model: {first}") from None
@@ -151,10 +154,12 @@ def _onnx_contract(session: Any, path: Path) -> ModelContract:
         raise EngineError(str(exc)) from None
 
 
-def load_onnxruntime(path: Path, provider: str = "cpu", threads: int = 0) -> OnnxRuntimeBackend:
+def load_onnxruntime(
+    path: Path, provider: str = "cpu", threads: int = 0, trt_cache_dir: Path | None = None
+) -> OnnxRuntimeBackend:
     import onnxruntime as ort
 
-    session = _ort_session(path, provider, threads)
+    session = _ort_session(path, provider, threads, trt_cache_dir)
     contract = _onnx_contract(session, path)
     inputs = tuple(_spec(node, "input") for node in session.get_inputs())
     outputs = tuple(_spec(node, "output") for node in session.get_outputs())
@@ -169,13 +174,15 @@ def load_onnxruntime(path: Path, provider: str = "cpu", threads: int = 0) -> Onn
     return OnnxRuntimeBackend(contract, inputs, outputs, info, session)
 
 
-def load_backend(path: Path, provider: str = "cpu", threads: int = 0) -> Backend:
+def load_backend(
+    path: Path, provider: str = "cpu", threads: int = 0, trt_cache_dir: Path | None = None
+) -> Backend:
     """Open the engine the way its suffix says; EngineError with one line if it can't be."""
     if not path.is_file():
         raise EngineError(f"engine file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix in ONNX_SUFFIXES:
-        return load_onnxruntime(path, provider, threads)
+        return load_onnxruntime(path, provider, threads, trt_cache_dir)
     if suffix in PLAN_SUFFIXES:
         from serving.trt_backend import load_tensorrt
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from enum import StrEnum
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -13,7 +13,7 @@ from serving.compat import EngineError
 from serving.config import ServerConfig
 
 
-class Provider(StrEnum):
+class Provider(str, Enum):  # not StrEnum: JetPack 6 ships Python 3.10
     cpu = "cpu"
     cuda = "cuda"
     tensorrt = "tensorrt"
@@ -100,6 +100,14 @@ def serve_command(
             help="On SIGTERM, how long queued requests may take to finish.", envvar=_env("GRACE_S")
         ),
     ] = 30.0,
+    trt_cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where --provider tensorrt keeps its built engines (default: beside the model; "
+            "set it when the model directory is read-only).",
+            envvar=_env("TRT_CACHE_DIR"),
+        ),
+    ] = None,
     log_level: Annotated[
         str, typer.Option(help="Python logging level.", envvar=_env("LOG_LEVEL"))
     ] = "INFO",
@@ -114,7 +122,7 @@ def serve_command(
             max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
             max_queue_size=max_queue_size, timeout_ms=timeout_ms, provider=provider.value,
             threads=threads, warmup=warmup, max_request_bytes=int(max_request_mb * 1024 * 1024),
-            grace_s=grace_s,
+            grace_s=grace_s, trt_cache_dir=trt_cache_dir,
         )  # fmt: skip
         from serving.server import serve
 

@@ -23,6 +23,7 @@ class ServerConfig:
     warmup: bool = True
     max_request_bytes: int = 64 * 1024 * 1024
     grace_s: float = 30.0
+    trt_cache_dir: Path | None = None  # TensorRT EP engine cache; None: beside the model
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:

@@ -44,7 +44,7 @@ def warm(backend: Backend, sizes: list[int]) -> None:
 
 
 def load(config: ServerConfig) -> Backend:
-    backend = load_backend(config.engine, config.provider, config.threads)
+    backend = load_backend(config.engine, config.provider, config.threads, config.trt_cache_dir)
     if backend.max_batch is not None and config.max_batch_size > backend.max_batch:
         raise EngineError(
             f"{config.engine} accepts batches up to {backend.max_batch}; "

@@ -30,7 +30,8 @@ _TRT_TYPES = {
 }
 
 
-def _cudart() -> Any:
+def cuda_runtime() -> Any:
+    """cuda-python's runtime module (its import path moved in 12.6)."""
     try:
         from cuda.bindings import runtime  # cuda-python >= 12.6
     except ImportError:
@@ -143,7 +144,7 @@ def load_tensorrt(path: Path) -> TensorRTBackend:
         import tensorrt as trt
     except ImportError:
         raise EngineError(f"{path} is a TensorRT plan but tensorrt is not installed here") from None
-    cudart = _cudart()
+    cudart = cuda_runtime()
     check_plan(sidecar, host_info(trt, cudart), path.name)
     logger = trt.Logger(trt.Logger.WARNING)
     runtime = trt.Runtime(logger)

@@ -81,10 +81,10 @@ def host_identity() -> tuple[str, str, str]:
             "image; unset it to serve the ONNX through onnxruntime"
         ) from None
     from serving.compat import EngineError
-    from serving.trt_backend import _cudart, host_info
+    from serving.trt_backend import cuda_runtime, host_info
 
     try:
-        host = host_info(tensorrt, _cudart())
+        host = host_info(tensorrt, cuda_runtime())
     except EngineError as exc:
         raise EntrypointError(f"cannot query the GPU: {exc}") from None
     return host.tensorrt_version, host.gpu_name, host.compute_capability

@@ -115,3 +115,15 @@ def test_killed_training_leaves_no_output(tmp_path, prepared_dir):
     )
     assert not list(tmp_path.glob(".dvclive.*.tmp"))
     assert (tmp_path / "dvclive" / "metrics.json").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("model", [ModelParams(), ModelParams(name="resnet", width=8)])
+def test_trains_on_the_gpu_in_bf16_channels_last(tmp_path, prepared_dir, model):
+    params = TrainParams(epochs=4, batch_size=16, lr=3e-3, device="auto")
+    history, out = run(tmp_path, prepared_dir, model=model, params=params)
+    assert history[-1].val_acc >= 0.9
+    checkpoint = load_checkpoint(out / "checkpoint.pt")
+    assert all(t.device.type == "cpu" for t in checkpoint.state_dict.values())
+    assert checkpoint.build().network is not None  # loads and rebuilds on a CPU-only reader

@@ -35,3 +35,13 @@ def test_warmup_covers_the_ends_first() -> None:
     assert warmup_sizes(64) == [1, 64, 2, 4, 8, 16, 32]
     assert warmup_sizes(1) == [1]
     assert warmup_sizes(6) == [1, 6, 2, 4]
+
+
+def test_tensorrt_provider_caches_engines_where_told() -> None:
+    from serving.backends import _providers
+
+    beside = _providers("tensorrt", Path("/models/m.onnx"), None)
+    assert beside[0][1]["trt_engine_cache_path"] == "/models"
+    elsewhere = _providers("tensorrt", Path("/models/m.onnx"), Path("/cache"))  # read-only mounts
+    assert elsewhere[0][1]["trt_engine_cache_path"] == "/cache"
+    assert _providers("cpu", Path("/models/m.onnx"), Path("/cache")) == ["CPUExecutionProvider"]
