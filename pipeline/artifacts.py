@@ -52,6 +52,16 @@ def write_json(path: Path, payload: Any) -> None:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
+def write_metrics(path: Path, report: dict[str, Any]) -> None:
+    """Write a DVC metrics file without its wall-clock figures (top-level ``*_seconds``).
+
+    Metrics must be byte-identical across reruns of the same inputs (`dvc repro -f` twice,
+    `dvc metrics diff` between identical runs); timings stay in the returned report and
+    the stage's log line.
+    """
+    write_json(path, {k: v for k, v in report.items() if not k.endswith("_seconds")})
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

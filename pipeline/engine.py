@@ -28,7 +28,7 @@ import numpy as np
 import typer
 
 from pipeline import onnx_tools, quantize, tensorrt_build
-from pipeline.artifacts import atomic_path, sha256_file, write_json
+from pipeline.artifacts import atomic_path, sha256_file, write_json, write_metrics
 from pipeline.dataset import DEFAULT_DIR, load_split
 from pipeline.errors import StageError, exit_on_stage_error, run_command
 from pipeline.onnx_tools import ONNX_DIR as DEFAULT_ONNX
@@ -279,7 +279,7 @@ def build_engine(
         if data_dir is not None:
             report |= evaluate_engine(run, source, data_dir, params.max_batch)
     if report_path is not None:
-        write_json(report_path, report)
+        write_metrics(report_path, report)
     return report
 
 

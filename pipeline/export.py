@@ -25,7 +25,7 @@ import typer
 from torch import nn
 
 from pipeline import onnx_tools, quantize
-from pipeline.artifacts import atomic_path, git_revision, params_hash, write_json
+from pipeline.artifacts import atomic_path, git_revision, params_hash, write_metrics
 from pipeline.checkpoint import Checkpoint, load_checkpoint
 from pipeline.dataset import DEFAULT_DIR, Meta, load_meta, load_split
 from pipeline.errors import StageError, exit_on_stage_error, run_command
@@ -194,14 +194,13 @@ def check_accuracy_drops(variants: dict[str, dict[str, Any]], max_drop: float) -
 
 
 def variant_report(
-    path: Path, logits: np.ndarray, fp32_logits: np.ndarray, labels: np.ndarray, seconds: float
+    path: Path, logits: np.ndarray, fp32_logits: np.ndarray, labels: np.ndarray
 ) -> dict[str, Any]:
     accuracy = onnx_tools.accuracy(logits, labels)
     fp32_accuracy = onnx_tools.accuracy(fp32_logits, labels)
     return {
         "file": path.name,
         "bytes": path.stat().st_size,
-        "seconds": round(seconds, 3),
         "accuracy": accuracy,
         # Percentage points; positive means worse than fp32. Rounded so 0.0 prints as 0.0.
         "accuracy_drop_pp": round((fp32_accuracy - accuracy) * 100, 6),
@@ -306,7 +305,7 @@ def export_model(
         tmp.mkdir()
         report = _export_all(model, contract, params, tmp, test.x, test.y, data_dir)
     if report_path is not None:
-        write_json(report_path, report)
+        write_metrics(report_path, report)
     return report
 
 
@@ -326,13 +325,12 @@ def _export_all(
     export_seconds = time.perf_counter() - start
     parity, fp32_logits = measure_parity(model, fp32, x, params.batch_size)
     require_parity(parity, params.parity_atol)
-    variants = {"fp32": variant_report(fp32, fp32_logits, fp32_logits, y, export_seconds)}
+    variants = {"fp32": variant_report(fp32, fp32_logits, fp32_logits, y)}
     for name in (v for v in ("int8", "fp16") if v in params.variants):
-        start = time.perf_counter()
         dst = out / VARIANT_FILES[name]
         build_variant(name, fp32, dst, contract, lambda: load_split("train", data_dir).x, params)
         logits = onnx_tools.run_logits(onnx_tools.session(dst), x, params.batch_size)
-        variants[name] = variant_report(dst, logits, fp32_logits, y, time.perf_counter() - start)
+        variants[name] = variant_report(dst, logits, fp32_logits, y)
     check_accuracy_drops(variants, params.max_accuracy_drop)
     return {
         "model": contract.model_name,

@@ -89,6 +89,15 @@ def test_plots_render_offline(repo):
     assert "vega-lite" in page  # the inlined library
 
 
+def test_forced_rerun_gives_byte_identical_metrics(repo):
+    metrics = ["reports/metrics.json", "reports/export.json", "reports/engine.json"]
+    metrics.append("dvclive/metrics.json")
+    before = {name: (repo / name).read_bytes() for name in metrics}
+    sh("dvc", "repro", "-f", cwd=repo)
+    assert {name: (repo / name).read_bytes() for name in metrics} == before
+    assert json.loads(sh("dvc", "status", "--json", cwd=repo).stdout) == {}
+
+
 def test_outputs_round_trip_through_a_remote(repo, tmp_path):
     sh("dvc", "remote", "add", "--local", "-d", "shelf", str(tmp_path / "remote"), cwd=repo)
     sh("dvc", "push", cwd=repo)

@@ -52,7 +52,8 @@ def test_onnxruntime_target_writes_optimized_model_sidecar_and_report(shared, tm
     out, report_path = tmp_path / "engine", tmp_path / "engine.json"
     report = engine.build_engine(EngineParams(), shared.onnx_dir, out, shared.data_dir, report_path)
     assert listing(out) == ["model.optimized.onnx", "model.optimized.onnx.json"]
-    assert json.loads(report_path.read_text()) == report
+    written = json.loads(report_path.read_text())
+    assert written == {k: v for k, v in report.items() if k != "build_seconds"}  # no wall time
     assert report["target"] == "onnxruntime" and report["source"] == "model.onnx"
     assert report["images"] == 90 and report["accuracy"] >= 0.9
     assert report["top1_agreement_fp32"] == 1.0 and report["max_abs_logit_diff_fp32"] < 1e-4
