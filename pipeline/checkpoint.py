@@ -17,6 +17,7 @@ from pipeline.errors import StageError
 from pipeline.models import Classifier, ModelSpec
 
 FORMAT = "tensorferry-checkpoint/1"
+DEFAULT_CHECKPOINT = Path("models/checkpoint.pt")
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,11 @@ import torch
 import typer
 
 from pipeline.artifacts import atomic_path, write_json
-from pipeline.checkpoint import load_checkpoint
+from pipeline.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from pipeline.dataset import DEFAULT_DIR, load_meta, load_split
 from pipeline.errors import StageError, exit_on_stage_error, run_command
 from pipeline.params import DEFAULT_PARAMS, EvaluateParams, load_params
-from pipeline.train import DEFAULT_CHECKPOINT, DEFAULT_LIVE_DIR
+from pipeline.train import DEFAULT_LIVE_DIR
 
 DEFAULT_REPORTS = Path("reports")
 

@@ -26,13 +26,12 @@ from torch import nn
 
 from pipeline import onnx_tools, quantize
 from pipeline.artifacts import atomic_path, git_revision, params_hash, write_metrics
-from pipeline.checkpoint import Checkpoint, load_checkpoint
+from pipeline.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, load_checkpoint
 from pipeline.dataset import DEFAULT_DIR, Meta, load_meta, load_split
 from pipeline.errors import StageError, exit_on_stage_error, run_command
 from pipeline.params import DEFAULT_PARAMS, ExportParams, as_dict, from_mapping, load_params
 from serving.contract import INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME, ModelContract
 
-DEFAULT_CHECKPOINT = Path("models/checkpoint.pt")
 DEFAULT_OUT = onnx_tools.ONNX_DIR
 DEFAULT_REPORT = Path("reports/export.json")
 VARIANT_FILES = onnx_tools.VARIANT_FILES

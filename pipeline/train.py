@@ -20,14 +20,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline.artifacts import atomic_path, params_hash
-from pipeline.checkpoint import Checkpoint, save_checkpoint
+from pipeline.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, save_checkpoint
 from pipeline.dataset import DEFAULT_DIR, Meta, Split, load_meta, load_split
 from pipeline.distributed import World, all_sum, process_group, shard_batches, world_from_env
 from pipeline.errors import StageError, exit_on_stage_error, run_command
 from pipeline.models import Classifier, ModelSpec
 from pipeline.params import DEFAULT_PARAMS, ModelParams, TrainParams, as_dict, load_params
 
-DEFAULT_CHECKPOINT = Path("models/checkpoint.pt")
 DEFAULT_LIVE_DIR = Path("dvclive")
 
 
