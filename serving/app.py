@@ -1,13 +1,16 @@
 """Routes: the Open Inference Protocol v2 REST API, /v1/classify and /metrics.
 
-Status codes follow Triton: 400 bad request, 404 unknown model or route, 405 wrong
-method, 413 body too large (serving.http), 503 not ready / queue full (with
-Retry-After), 504 queue timeout, 500 backend failure.
+Status codes follow Triton: 400 bad request, 401 missing or wrong API key (when one is
+set), 404 unknown model or route, 405 wrong method, 408/413/431 stalled request, body or
+headers too large (serving.http), 503 not ready / queue full (with Retry-After), 504 queue
+timeout, 500 backend failure.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import logging
 import zlib
 from dataclasses import dataclass
 from time import perf_counter
@@ -16,7 +19,7 @@ from urllib.parse import unquote
 
 import numpy as np
 
-from serving import classify
+from serving import classify, openapi
 from serving.backends import Backend
 from serving.config import ServerConfig
 from serving.http import Request
@@ -33,6 +36,8 @@ def _version() -> str:
     except PackageNotFoundError:  # running from a source tree that was never installed
         return "0+unknown"
 
+
+log = logging.getLogger("serving")
 
 RETRY = {"Retry-After": "1"}
 
@@ -58,6 +63,8 @@ class App:
             self.name, backend.inputs[0], backend.outputs, config.max_batch_size
         )
         self._version = _version()
+        self._api_key = None if config.api_key is None else config.api_key.encode()
+        self._public = set(config.public_routes)
         # Read at scrape time: free on the request path.
         metrics.pending.set_function(lambda: scheduler.queued)
         metrics.inflight.set_function(lambda: self.state.inflight)
@@ -66,11 +73,14 @@ class App:
             "/v2/health/ready": ("GET", self._ready),
             "/v2": ("GET", lambda r: r.respond_json(200, self._server_metadata())),
             "/metrics": ("GET", lambda r: r.respond(200, [metrics.render()], CONTENT_TYPE)),
+            "/v2/openapi.json": ("GET", lambda r: r.respond_json(200, self._openapi())),
             "/v1/classify": ("POST", self._classify),
         }
 
     def __call__(self, request: Request) -> None:
         path = request.path
+        if self._api_key is not None and not self._authorized(request):
+            return
         if path.startswith("/v2/models/"):
             return self._model_route(request, path[len("/v2/models/") :])
         route = self._routes.get(path.rstrip("/") or path)
@@ -80,6 +90,22 @@ class App:
         if request.method != method:
             return request.error(405, f"{path} takes {method}, not {request.method}")
         handler(request)
+
+    def _authorized(self, request: Request) -> bool:
+        """Check the bearer token (or a public route); answer 401 if it fails."""
+        if (request.path.rstrip("/") or "/") in self._public:
+            return True
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # compare_digest: how long the check takes says nothing about how close a guess was.
+        if scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode("latin-1"), self._api_key or b""
+        ):
+            return True
+        challenge = 'Bearer realm="tensorferry"'
+        if token:
+            challenge += ', error="invalid_token"'
+        request.error(401, "missing or wrong API key", {"WWW-Authenticate": challenge})
+        return False
 
     # metadata and health
     def _ready(self, request: Request) -> None:
@@ -94,6 +120,10 @@ class App:
             "version": self._version,
             "extensions": ["binary_tensor_data"],
         }
+
+    def _openapi(self) -> dict[str, Any]:
+        spec = self.backend.inputs[0]
+        return openapi.document(self.name, self._version, spec, self.config.max_batch_size)
 
     def _model_metadata(self) -> dict[str, Any]:
         return {
@@ -188,20 +218,30 @@ class App:
             parsed = self._codec.decode(body, _header_length(request))
         except ProtocolError as exc:
             return self._bad_request(request, exc)
+        except Exception:
+            self.state.inflight -= 1  # drain waits for this count; serving.http answers 500
+            raise
 
         def done(outputs: dict[str, np.ndarray] | None, error: Exception | None) -> None:
             if outputs is not None:
-                parts, header_length = self._codec.encode(parsed, outputs)
-                extra = (
-                    {}
-                    if header_length is None
-                    else {"Inference-Header-Content-Length": str(header_length)}
-                )
-                ctype = "application/json" if header_length is None else "application/octet-stream"
-                request.respond(200, parts, ctype, extra)
+                try:
+                    self._respond_outputs(request, parsed, outputs)
+                except Exception as exc:  # an answer that fails to encode still gets one
+                    log.exception("failed to encode an infer response")
+                    error = exc
             self._finish(request, error, start)
 
         self._submit(request, parsed.array, done, parsed)
+
+    def _respond_outputs(
+        self, request: Request, parsed: InferRequest, outputs: dict[str, np.ndarray]
+    ) -> None:
+        parts, header_length = self._codec.encode(parsed, outputs)
+        if header_length is None:
+            request.respond(200, parts)
+            return
+        extra = {"Inference-Header-Content-Length": str(header_length)}
+        request.respond(200, parts, "application/octet-stream", extra)
 
     def _submit(
         self, request: Request, array: np.ndarray, done: Any, parsed: InferRequest | None
@@ -243,6 +283,9 @@ class App:
             array = await loop.run_in_executor(None, classify.preprocess, data, contract)
         except ProtocolError as exc:
             return self._bad_request(request, exc)
+        except Exception as exc:  # a task that dies unanswered would leave its client hanging
+            log.exception("classify failed before inference")
+            return self._finish(request, exc, start)
         answered: asyncio.Future[tuple[Any, Exception | None]] = loop.create_future()
         if not self._submit(request, array, lambda o, e: answered.set_result((o, e)), None):
             return

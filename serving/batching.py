@@ -13,6 +13,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+import numpy as np
+
 T = TypeVar("T")
 
 
@@ -112,3 +114,25 @@ class BatchQueue(Generic[T]):
     def _drop_cancelled_head(self) -> None:
         while self._queue and not self._queue[0].queued:
             self._queue.popleft()
+
+
+def merge(arrays: list[np.ndarray]) -> np.ndarray:
+    """One batch from requests' arrays, in order (no copy for a batch of one)."""
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def split(outputs: dict[str, np.ndarray], rows: list[int]) -> list[dict[str, np.ndarray]]:
+    """Each request's rows of every output, in order; views, not copies.
+
+    Raises ValueError when an output has not one row per input row: slicing it anyway
+    would hand some requests another request's rows or too few.
+    """
+    total = sum(rows)
+    for name, array in outputs.items():
+        if len(array) != total:
+            raise ValueError(f"output '{name}' has {len(array)} rows for a batch of {total}")
+    ends = np.cumsum(rows).tolist()
+    return [
+        {name: array[end - n : end] for name, array in outputs.items()}
+        for n, end in zip(rows, ends, strict=True)
+    ]

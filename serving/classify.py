@@ -14,6 +14,10 @@ import numpy as np
 from serving.contract import ModelContract
 from serving.protocol import ProtocolError
 
+# Largest image decoded: a 48-megapixel photo fits; a tiny PNG that claims 20000 x 20000
+# pixels (a decompression bomb, 1.2 GB as RGB) is refused from its header, before decoding.
+MAX_PIXELS = 50_000_000
+
 
 def image_bytes(body: bytes, content_type: str) -> bytes:
     """The image file in a raw body or in the first file part of a multipart form."""
@@ -38,17 +42,26 @@ def image_bytes(body: bytes, content_type: str) -> bytes:
 
 def preprocess(data: bytes, contract: ModelContract) -> np.ndarray:
     """Decode, convert and resize an image into a [1, C, H, W] uint8 batch."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     channels, height, width = contract.input_shape
     if channels not in (1, 3):
         raise ProtocolError(f"classify supports 1- or 3-channel models, not {channels}")
     try:
         with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > MAX_PIXELS:
+                raise ProtocolError(
+                    f"image of {image.width} x {image.height} pixels exceeds the limit of "
+                    f"{MAX_PIXELS} pixels"
+                )
             image = image.convert("RGB" if channels == 3 else "L")
             image = image.resize((width, height), Image.Resampling.BILINEAR)
             pixels = np.asarray(image, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        # Beyond UnidentifiedImageError and OSError, Pillow's decoders raise SyntaxError,
+        # struct.error, IndexError... on crafted files: any failure on these bytes is theirs.
         raise ProtocolError(f"body is not a decodable image (PNG or JPEG): {exc}") from None
     if channels == 1:
         pixels = pixels[:, :, None]

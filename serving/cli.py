@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from serving.compat import EngineError
-from serving.config import ServerConfig
+from serving.config import PUBLIC_ROUTES, ServerConfig
 
 
 class Provider(str, Enum):  # not StrEnum: JetPack 6 ships Python 3.10
@@ -21,6 +21,10 @@ class Provider(str, Enum):  # not StrEnum: JetPack 6 ships Python 3.10
 
 def _env(name: str) -> str:
     return f"TENSORFERRY_{name}"
+
+
+def _routes(value: str) -> tuple[str, ...]:
+    return tuple(p.strip().rstrip("/") for p in value.split(",") if p.strip())
 
 
 def serve_command(
@@ -108,6 +112,35 @@ def serve_command(
             envvar=_env("TRT_CACHE_DIR"),
         ),
     ] = None,
+    max_header_kb: Annotated[
+        float,
+        typer.Option(
+            help="Largest request line plus headers (431 beyond).", envvar=_env("MAX_HEADER_KB")
+        ),
+    ] = 64.0,
+    idle_timeout_s: Annotated[
+        float,
+        typer.Option(
+            help="Close a connection whose client sent nothing for this long while owed no "
+            "answer (idle keep-alive; a stalled request gets 408 first); 0 = never.",
+            envvar=_env("IDLE_TIMEOUT_S"),
+        ),
+    ] = 60.0,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            help="Require 'Authorization: Bearer <key>' on every route except --public-routes "
+            "(401 otherwise). Prefer the environment variable: flags show up in ps.",
+            envvar=_env("API_KEY"),
+            show_default=False,
+        ),
+    ] = None,
+    public_routes: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated paths that need no API key.", envvar=_env("PUBLIC_ROUTES")
+        ),
+    ] = ",".join(PUBLIC_ROUTES),
     log_level: Annotated[
         str, typer.Option(help="Python logging level.", envvar=_env("LOG_LEVEL"))
     ] = "INFO",
@@ -123,6 +156,8 @@ def serve_command(
             max_queue_size=max_queue_size, timeout_ms=timeout_ms, provider=provider.value,
             threads=threads, warmup=warmup, max_request_bytes=int(max_request_mb * 1024 * 1024),
             grace_s=grace_s, trt_cache_dir=trt_cache_dir,
+            max_header_bytes=int(max_header_kb * 1024), idle_timeout_s=idle_timeout_s,
+            api_key=api_key, public_routes=_routes(public_routes),
         )  # fmt: skip
         from serving.server import serve
 

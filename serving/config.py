@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 PROVIDERS = ("cpu", "cuda", "tensorrt")
+# Routes a load balancer or Prometheus must reach without the API key.
+PUBLIC_ROUTES = ("/v2/health/live", "/v2/health/ready", "/metrics")
+# Model names appear in URLs and metric labels; nothing maps them to files, and this keeps
+# them from ever looking like paths.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -24,13 +30,28 @@ class ServerConfig:
     max_request_bytes: int = 64 * 1024 * 1024
     grace_s: float = 30.0
     trt_cache_dir: Path | None = None  # TensorRT EP engine cache; None: beside the model
+    max_header_bytes: int = 64 * 1024  # request line + headers (431 beyond)
+    idle_timeout_s: float = 60.0  # client silent this long while owed nothing: close; 0 = never
+    # Bearer token required on every route except public_routes; kept out of repr and logs.
+    api_key: str | None = field(default=None, repr=False)
+    public_routes: tuple[str, ...] = PUBLIC_ROUTES
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
             raise ValueError(f"provider must be one of {', '.join(PROVIDERS)}, not {self.provider}")
-        for name in ("max_batch_size", "max_request_bytes"):
+        if self.model_name is not None and not MODEL_NAME.fullmatch(self.model_name):
+            raise ValueError(
+                f"model name {self.model_name!r} must be 1-128 letters, digits, '_', '.' or '-', "
+                "starting with a letter or digit"
+            )
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key must not be empty; leave it unset to turn auth off")
+        for name in ("max_batch_size", "max_request_bytes", "max_header_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        for name in ("port", "max_queue_delay_us", "max_queue_size", "timeout_ms", "threads"):
+        for name in (
+            "port", "max_queue_delay_us", "max_queue_size", "timeout_ms", "threads",
+            "idle_timeout_s",
+        ):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")

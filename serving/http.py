@@ -10,14 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
+from time import monotonic
 from typing import Any
 
 import httptools
 
+log = logging.getLogger("serving")
+
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
+
+
+class _HeadTooLarge(Exception):
+    """Raised inside a parser callback to stop reading an oversized request head."""
 
 
 class Request:
@@ -74,11 +82,23 @@ Handler = Callable[[Request], None]
 class HttpConnection(asyncio.Protocol):
     """One client connection; pipelined requests are answered in the order they came."""
 
-    def __init__(self, handler: Handler, max_body: int, connections: set[HttpConnection]) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        max_body: int,
+        connections: set[HttpConnection],
+        max_head: int = 64 * 1024,
+    ) -> None:
         self.parser = httptools.HttpRequestParser(self)
         self._handler = handler
         self._max_body = max_body
+        self._max_head = max_head
         self._connections = connections
+        self.last_active = monotonic()  # last byte from the client or answer to it
+        self._head_bytes = 0  # request line and complete headers of the request being read
+        self._head_chunks = 0  # bytes read while its head stayed open (a header never ending)
+        self._head_open = False  # a request has begun and its headers are not complete
+        self._in_message = False  # a request has begun and is not complete
         self._transport: asyncio.Transport | None = None
         self._answers: deque[Request] = deque()
         self._url = b""
@@ -97,12 +117,44 @@ class HttpConnection(asyncio.Protocol):
         self._transport = None
 
     def data_received(self, data: bytes) -> None:
+        self.last_active = monotonic()
+        head_was_open = self._head_open
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._reject(400, "protocol upgrades are not supported")
         except httptools.HttpParserError as exc:
-            self._reject(400, f"malformed HTTP request: {exc}")
+            if isinstance(exc.__context__, _HeadTooLarge):
+                self._reject(431, f"request line and headers exceed {self._max_head} bytes")
+            else:
+                self._reject(400, f"malformed HTTP request: {exc}")
+        else:
+            # httptools buffers a header until it is complete, so a header that never ends
+            # is only seen here: a chunk read wholly inside an open head is all head bytes.
+            # Counted apart from _head_bytes: adding both would count complete headers twice.
+            if head_was_open and self._head_open:
+                self._head_chunks += len(data)
+                if self._head_chunks > self._max_head:
+                    self._reject(431, f"request line and headers exceed {self._max_head} bytes")
+
+    def _count_head(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > self._max_head:
+            raise _HeadTooLarge
+
+    def expire(self, now: float, timeout_s: float) -> bool:
+        """Close the connection if its client went quiet while owed nothing; True if closed.
+
+        A request whose head or body stalls is answered 408 first; a request the server
+        still owes an answer is never cut (its own queue timeout covers it).
+        """
+        if self._answers or now - self.last_active < timeout_s or self._transport is None:
+            return False
+        if self._in_message:
+            self._reject(408, f"request not completed within {timeout_s:g} s of silence")
+        else:
+            self._transport.close()
+        return True
 
     def close(self) -> None:
         if self._transport is not None:
@@ -110,6 +162,8 @@ class HttpConnection(asyncio.Protocol):
 
     # httptools callbacks
     def on_message_begin(self) -> None:
+        self._in_message = self._head_open = True
+        self._head_bytes = self._head_chunks = 0
         self._url = b""
         self._headers = {}
         self._body = []
@@ -117,12 +171,15 @@ class HttpConnection(asyncio.Protocol):
         self._too_large = False
 
     def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
+        self._head_open = False
         length = self._headers.get("content-length", "0")
         if length.isdigit() and int(length) > self._max_body:
             self._too_large = True
@@ -137,6 +194,7 @@ class HttpConnection(asyncio.Protocol):
             self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self._in_message = False
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         method = self.parser.get_method().decode("latin-1")
         request = Request(self, method, self._url, self._headers, body)
@@ -147,7 +205,11 @@ class HttpConnection(asyncio.Protocol):
             request.keep_alive = False
             request.error(413, f"request body exceeds the limit of {self._max_body} bytes")
             return
-        self._handler(request)
+        try:
+            self._handler(request)
+        except Exception:  # a bug in one route must cost one 500, not the connection
+            log.exception("unhandled error answering %s %s", method, request.path)
+            request.error(500, "internal server error")
 
     # responses
     def flush(self) -> None:
@@ -156,6 +218,7 @@ class HttpConnection(asyncio.Protocol):
             if self._transport is None or self._transport.is_closing():
                 continue
             self._transport.writelines(request._answer)
+            self.last_active = monotonic()
             if not request.keep_alive:
                 self._transport.close()
 
@@ -169,3 +232,9 @@ class HttpConnection(asyncio.Protocol):
             + body
         )
         self._transport.close()
+
+
+def expire_idle(connections: Iterable[HttpConnection], timeout_s: float) -> int:
+    """Close every connection whose client has been silent for ``timeout_s`` while owed nothing."""
+    now = monotonic()
+    return sum(connection.expire(now, timeout_s) for connection in list(connections))

@@ -65,7 +65,7 @@ def _header(body: bytes, header_length: int | None) -> tuple[dict[str, Any], mem
     end = len(body) if header_length is None else header_length
     try:
         header = json.loads(view[:end].tobytes())
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # deep nesting: RecursionError
         raise ProtocolError(f"malformed JSON in request: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError("request JSON must be an object")
@@ -87,6 +87,11 @@ def _shape(entry: dict[str, Any], spec: TensorSpec, max_batch: int) -> tuple[int
     return tuple(shape)
 
 
+# Which parsed JSON array kinds each tensor kind accepts, and how to say so.
+_JSON_KINDS = {"i": "iu", "u": "iu", "f": "iuf", "b": "b"}
+_KIND_WORDS = {"i": "integers", "u": "integers", "f": "numbers", "b": "booleans"}
+
+
 def _json_data(data: Any, spec: TensorSpec, shape: tuple[int, ...]) -> np.ndarray:
     dtype = DATATYPES[spec.datatype]
     try:
@@ -98,11 +103,12 @@ def _json_data(data: Any, spec: TensorSpec, shape: tuple[int, ...]) -> np.ndarra
             f"input '{spec.name}' has {raw.size} values; shape {list(shape)} needs "
             f"{math.prod(shape)}"
         )
-    if dtype.kind in "iu":
-        if raw.size and raw.dtype.kind not in "iu":
-            raise ProtocolError(f"input '{spec.name}' data must be integers for {spec.datatype}")
+    if raw.size and raw.dtype.kind not in _JSON_KINDS[dtype.kind]:
+        words = _KIND_WORDS[dtype.kind]
+        raise ProtocolError(f"input '{spec.name}' data must be {words} for {spec.datatype}")
+    if dtype.kind in "iu" and raw.size:
         info = np.iinfo(dtype)
-        if raw.size and (raw.min() < info.min or raw.max() > info.max):
+        if raw.min() < info.min or raw.max() > info.max:
             raise ProtocolError(f"input '{spec.name}' data is out of range for {spec.datatype}")
     return raw.astype(dtype).reshape(shape)
 
@@ -171,10 +177,12 @@ def _outputs(header: dict[str, Any], specs: tuple[TensorSpec, ...]) -> tuple[tup
     chosen = []
     for entry in requested:
         name = entry.get("name")
-        if name not in known:
+        if not isinstance(name, str) or name not in known:
             raise ProtocolError(f"unknown output {name!r}; the model has {sorted(known)}")
-        binary = (entry.get("parameters") or {}).get("binary_data", default_binary)
-        chosen.append((name, bool(binary)))
+        parameters = entry.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise ProtocolError(f"output '{name}' parameters must be an object")
+        chosen.append((name, bool(parameters.get("binary_data", default_binary))))
     return tuple(chosen)
 
 

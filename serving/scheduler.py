@@ -17,7 +17,7 @@ from time import perf_counter
 import numpy as np
 
 from serving.backends import Backend
-from serving.batching import BatchQueue, Pending
+from serving.batching import BatchQueue, Pending, merge, split
 from serving.metrics import Metrics
 
 log = logging.getLogger("serving")
@@ -133,9 +133,9 @@ class Scheduler:
         while (jobs := self._work.get()) is not None:
             started = perf_counter()
             try:
-                arrays = [job.array for job in jobs]
-                batch = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-                outputs, error = self.backend.run(batch), None
+                batch = merge([job.array for job in jobs])
+                outputs = split(self.backend.run(batch), [len(job.array) for job in jobs])
+                error = None
             except Exception as exc:  # any backend failure fails this batch, not the server
                 log.exception("backend failed on a batch of %d requests", len(jobs))
                 outputs, error = None, BackendFailure(f"backend error: {exc}")
@@ -146,7 +146,7 @@ class Scheduler:
     def _finished(
         self,
         jobs: list[Job],
-        outputs: Outputs | None,
+        outputs: list[Outputs] | None,
         error: Exception | None,
         started: float,
         ended: float,
@@ -162,12 +162,8 @@ class Scheduler:
         self.metrics.batch_size.observe(rows)
         self.metrics.executions.inc()
         self.metrics.inferences.inc(rows)
-        start = 0
-        for job in jobs:
-            end = start + len(job.array)
-            sliced = None if outputs is None else {k: v[start:end] for k, v in outputs.items()}
-            self._deliver(job, sliced, error)
-            start = end
+        for i, job in enumerate(jobs):
+            self._deliver(job, None if outputs is None else outputs[i], error)
 
     @staticmethod
     def _deliver(job: Job, outputs: Outputs | None, error: Exception | None) -> None:

@@ -20,7 +20,7 @@ from serving.backends import Backend, load_backend
 from serving.batching import BatchQueue
 from serving.compat import EngineError
 from serving.config import ServerConfig
-from serving.http import HttpConnection
+from serving.http import HttpConnection, expire_idle
 from serving.metrics import Metrics
 from serving.scheduler import Scheduler
 
@@ -62,6 +62,13 @@ async def _drain(app: App, grace_s: float) -> bool:
     return True
 
 
+async def _sweep_idle(connections: set[HttpConnection], timeout_s: float) -> None:
+    """One timer for all connections, not one per request: the hot path only stamps a time."""
+    while True:
+        await asyncio.sleep(min(1.0, timeout_s / 2))
+        expire_idle(connections, timeout_s)
+
+
 async def run_server(config: ServerConfig, backend: Backend, started: float) -> int:
     loop = asyncio.get_running_loop()
     name = config.model_name or backend.contract.model_name
@@ -73,7 +80,7 @@ async def run_server(config: ServerConfig, backend: Backend, started: float) -> 
     app = App(config, backend, scheduler, metrics)
     connections: set[HttpConnection] = set()
     server = await loop.create_server(
-        lambda: HttpConnection(app, config.max_request_bytes, connections),
+        lambda: HttpConnection(app, config.max_request_bytes, connections, config.max_header_bytes),
         config.host,
         config.port,
         reuse_address=True,
@@ -88,6 +95,8 @@ async def run_server(config: ServerConfig, backend: Backend, started: float) -> 
         backend.info["backend"],
         backend.info["provider"],
     )
+    timeout = config.idle_timeout_s
+    sweeper = loop.create_task(_sweep_idle(connections, timeout)) if timeout else None
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -102,6 +111,8 @@ async def run_server(config: ServerConfig, backend: Backend, started: float) -> 
     log.info("draining: %d requests in flight", app.state.inflight)
     drained = await _drain(app, config.grace_s)
     server.close()
+    if sweeper is not None:
+        sweeper.cancel()
     for connection in list(connections):
         connection.close()
     scheduler.stop()
