@@ -6,10 +6,7 @@ from __future__ import annotations
 import fnmatch
 import importlib.util
 import json
-import re
-import subprocess
 import sys
-import threading
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -27,7 +24,6 @@ HEALTHCHECK = DEPLOY / "docker" / "healthcheck.py"
 sys.path.insert(0, str(REPO / "tests" / "serving"))
 _serving_helpers = importlib.import_module("serving_helpers")
 ServerProcess = _serving_helpers.ServerProcess
-wait_ready = _serving_helpers.wait_ready
 
 
 # Dockerfiles
@@ -136,32 +132,11 @@ def load_entrypoint() -> ModuleType:
     return module
 
 
-def _pump(server: ServerProcess, found: threading.Event) -> None:
-    assert server.proc.stderr is not None
-    for line in server.proc.stderr:
-        server.log.append(line.rstrip())
-        match = re.search(r"listening on (http://[\d.]+:\d+)", line)
-        if match:
-            server.url = match.group(1)
-            found.set()
-    found.set()
-
-
 def start_entrypoint(
     python: str, entrypoint: Path, args: list[str], env: dict[str, str], cwd: Path
 ) -> ServerProcess:
     """``python entrypoint.py ARGS`` (as the images run it) on an ephemeral port, until ready."""
-    proc = subprocess.Popen(
-        [python, str(entrypoint), *args], cwd=cwd, env=env, stderr=subprocess.PIPE, text=True
-    )
-    server = ServerProcess(proc)
-    found = threading.Event()
-    threading.Thread(target=_pump, args=(server, found), daemon=True).start()
-    if not found.wait(60) or not server.url:
-        proc.kill()
-        raise RuntimeError("server did not start:\n" + "\n".join(server.log))
-    wait_ready(server)
-    return server
+    return _serving_helpers.launch([python, str(entrypoint), *args], cwd, env, wait_s=60)
 
 
 def get(url: str) -> tuple[int, bytes]:

@@ -161,11 +161,18 @@ def start_server(
 ) -> ServerProcess:
     command = [sys.executable, "-m", "serving", "--engine", str(engine), "--port", "0", *args]
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    proc = subprocess.Popen(command, cwd=REPO, env=full_env, stderr=subprocess.PIPE, text=True)
+    return launch(command, REPO, full_env, ready=ready)
+
+
+def launch(
+    command: list[str], cwd: Path, env: dict[str, str], ready: bool = True, wait_s: float = 30
+) -> ServerProcess:
+    """Start a server command that logs `listening on URL`; wait for it (and readiness)."""
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stderr=subprocess.PIPE, text=True)
     server = ServerProcess(proc)
     found = threading.Event()
     threading.Thread(target=_pump, args=(server, found), daemon=True).start()
-    if not found.wait(30) or not server.url:
+    if not found.wait(wait_s) or not server.url:
         proc.kill()
         raise RuntimeError("server did not start:\n" + "\n".join(server.log))
     if ready:
