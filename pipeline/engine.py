@@ -33,7 +33,7 @@ from pipeline.dataset import DEFAULT_DIR, load_split
 from pipeline.errors import StageError, exit_on_stage_error, run_command
 from pipeline.onnx_tools import ONNX_DIR as DEFAULT_ONNX
 from pipeline.onnx_tools import VARIANT_FILES
-from pipeline.params import DEFAULT_PARAMS, EngineParams, as_dict, from_mapping, load_params
+from pipeline.params import EngineParams, load_with_overrides
 from serving.contract import SIDECAR_SUFFIX, ModelContract
 
 DEFAULT_OUT = Path("models/engine")
@@ -283,15 +283,6 @@ def build_engine(
     return report
 
 
-def resolve_params(params_file: Path | None, **overrides: Any) -> EngineParams:
-    """``engine`` params from the file (params.yaml when present), then CLI overrides."""
-    path = DEFAULT_PARAMS if params_file is None else params_file
-    use_file = params_file is not None or path.is_file()
-    params = load_params("engine", EngineParams, path) if use_file else EngineParams()
-    given = {k: v for k, v in overrides.items() if v is not None}
-    return from_mapping(EngineParams, {**as_dict(params), **given}, prefix="engine")
-
-
 def _source_precision(onnx: Path) -> str | None:
     """With a single ONNX file and no --precision, the engine keeps the file's precision."""
     return None if onnx.is_dir() or not onnx.is_file() else onnx_tools.read_contract(onnx).precision
@@ -381,7 +372,9 @@ def command(
 ) -> None:
     """Build an engine from an exported ONNX model for an explicit target, run it over
     the test split, and write it with its sidecar JSON."""
-    params = resolve_params(
+    params = load_with_overrides(
+        "engine",
+        EngineParams,
         params_file,
         target=target,
         precision=precision or _source_precision(onnx),

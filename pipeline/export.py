@@ -29,7 +29,7 @@ from pipeline.artifacts import atomic_path, git_revision, params_hash, write_met
 from pipeline.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, load_checkpoint
 from pipeline.dataset import DEFAULT_DIR, Meta, load_meta, load_split
 from pipeline.errors import StageError, exit_on_stage_error, run_command
-from pipeline.params import DEFAULT_PARAMS, ExportParams, as_dict, from_mapping, load_params
+from pipeline.params import ExportParams, as_dict, load_with_overrides
 from serving.contract import INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME, ModelContract
 
 DEFAULT_OUT = onnx_tools.ONNX_DIR
@@ -343,15 +343,6 @@ def _export_all(
     }
 
 
-def resolve_params(params_file: Path | None, **overrides: Any) -> ExportParams:
-    """``export`` params from the file (params.yaml when present), then CLI overrides."""
-    path = DEFAULT_PARAMS if params_file is None else params_file
-    use_file = params_file is not None or path.is_file()
-    params = load_params("export", ExportParams, path) if use_file else ExportParams()
-    given = {k: v for k, v in overrides.items() if v is not None}
-    return from_mapping(ExportParams, {**as_dict(params), **given}, prefix="export")
-
-
 @exit_on_stage_error
 def command(
     checkpoint: Annotated[
@@ -404,7 +395,9 @@ def command(
 ) -> None:
     """Export the checkpoint to ONNX (uint8 in, logits + probabilities out), verify parity
     with PyTorch on the test split, and write the int8/fp16 variants."""
-    params = resolve_params(
+    params = load_with_overrides(
+        "export",
+        ExportParams,
         params_file,
         opset=opset,
         variants=variants,

@@ -73,6 +73,18 @@ def load_params(section: str, cls: type[T], path: Path = DEFAULT_PARAMS) -> T:
     return from_mapping(cls, document.get(section) or {}, prefix=section)
 
 
+def load_with_overrides(
+    section: str, cls: type[T], params_file: Path | None, **overrides: Any
+) -> T:
+    """A section for a CLI command: from ``params_file`` (or ./params.yaml when it exists,
+    else the defaults), then every override that is not None, all strictly checked."""
+    path = DEFAULT_PARAMS if params_file is None else params_file
+    use_file = params_file is not None or path.is_file()
+    params = load_params(section, cls, path) if use_file else cls()
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return from_mapping(cls, {**as_dict(params), **given}, prefix=section)
+
+
 def from_mapping(cls: type[T], values: Any, prefix: str) -> T:
     """Build ``cls`` from a mapping, naming the first unknown key or mistyped value."""
     if not isinstance(values, dict):

@@ -21,7 +21,7 @@ from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.dataset import load_meta
 from pipeline.errors import StageError
 from pipeline.models import Classifier
-from pipeline.params import ExportParams
+from pipeline.params import ExportParams, load_with_overrides
 from serving.contract import KEY_GIT_REVISION, ModelContract
 from tests.pipeline.export_fixtures import CLASS_NAMES, SHAPE, shared_export
 
@@ -262,7 +262,7 @@ def test_params_reject_unknown_variant(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("export:\n  variants: [fp32, int4]\n")
     with pytest.raises(StageError, match=r"export.variants\[1\] must be one of"):
-        export.resolve_params(params)
+        load_with_overrides("export", ExportParams, params)
 
 
 def test_contract_round_trips_through_metadata(shared):
