@@ -132,3 +132,34 @@ def test_bad_param_fails_the_stage_and_caches_nothing(repo):
     assert "error: params: data.source must be one of" in result.stdout + result.stderr
     assert json.loads(sh("dvc", "status", "--json", cwd=repo).stdout)  # still stale
     sh("git", "checkout", "params.yaml", cwd=repo)
+
+
+def test_killed_stage_leaves_nothing_and_the_next_repro_recovers(repo):
+    import signal
+    import time
+
+    original = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params["train"]["epochs"] = 500
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen(
+        ["dvc", "repro", "train"],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while not list(repo.glob(".dvclive.*.tmp/dvclive/metrics.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, "training never started"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # dvc and the stage it runs, mid-epoch
+    proc.wait()
+    assert not (repo / "models" / "checkpoint.pt").exists()  # DVC cleared it; nothing half-made
+    assert not (repo / "dvclive").exists()
+    (repo / "params.yaml").write_text(original)
+    sh("dvc", "repro", cwd=repo)
+    assert json.loads(sh("dvc", "status", "--json", cwd=repo).stdout) == {}
+    assert not list(repo.glob(".dvclive.*.tmp"))
