@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,3 +192,13 @@ def wait_ready(server: ServerProcess, timeout: float = 30) -> None:
             pass
         time.sleep(0.02)
     raise RuntimeError("server never became ready:\n" + "\n".join(server.log))
+
+
+def fetch(server: ServerProcess, path: str, body: bytes | None = None, headers: dict | None = None):
+    """(status, headers, body) for any status: urllib raises on non-2xx, we don't."""
+    request = urllib.request.Request(server.url + path, data=body, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, error.read()

@@ -8,8 +8,6 @@ import io
 import json
 import struct
 import time
-import urllib.error
-import urllib.request
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +27,7 @@ from tests.serving.reliability_helpers import (
     raw_socket,
     read_responses,
 )
-from tests.serving.serving_helpers import ServerProcess, start_server
+from tests.serving.serving_helpers import ServerProcess, fetch, start_server
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -44,15 +42,6 @@ def guarded(tiny_model: Path) -> Iterator[ServerProcess]:
     process = start_server(tiny_model, *args, "--max-header-kb", "4")
     yield process
     assert process.terminate() == 0, "\n".join(process.log)
-
-
-def http(server: ServerProcess, path: str, body: bytes | None = None, headers: dict | None = None):
-    request = urllib.request.Request(server.url + path, data=body, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.headers, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.headers, error.read()
 
 
 # slow and idle clients ---------------------------------------------------------------------------
@@ -127,10 +116,10 @@ def _png_claiming(width: int, height: int) -> bytes:
 def test_decompression_bomb_is_refused_from_its_header(guarded: ServerProcess) -> None:
     started = time.perf_counter()
     for side in (9000, 20000):  # ours (50 MP) and Pillow's own (179 MP) limit
-        status, _, body = http(guarded, "/v1/classify", _png_claiming(side, side))
+        status, _, body = fetch(guarded, "/v1/classify", _png_claiming(side, side))
         assert status == 400 and "exceeds" in json.loads(body)["error"]
     assert time.perf_counter() - started < 1.0
-    status, _, body = http(guarded, "/v1/classify", _png_claiming(64, 64))  # truncated data
+    status, _, body = fetch(guarded, "/v1/classify", _png_claiming(64, 64))  # truncated data
     assert status == 400 and "not a decodable image" in json.loads(body)["error"]
 
 
@@ -144,7 +133,7 @@ def test_decompression_bomb_is_refused_from_its_header(guarded: ServerProcess) -
     ],
 )
 def test_model_names_never_reach_the_filesystem(guarded: ServerProcess, path: str) -> None:
-    status, _, body = http(guarded, path)
+    status, _, body = fetch(guarded, path)
     assert status in (404, 405) and b"root:" not in body
 
 
@@ -181,14 +170,14 @@ def keyed(tiny_model: Path) -> Iterator[ServerProcess]:
 
 def test_api_key_guards_everything_but_probes_and_metrics(keyed: ServerProcess) -> None:
     for path in ("/v2/health/live", "/v2/health/ready", "/metrics"):
-        assert http(keyed, path)[0] == 200, path
+        assert fetch(keyed, path)[0] == 200, path
     for path in ("/v2", "/v2/models/tiny", "/v2/openapi.json", "/v2/nothing"):
-        status, headers, _ = http(keyed, path)
+        status, headers, _ = fetch(keyed, path)
         assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer"), path
-    status, headers, _ = http(keyed, "/v2", headers={"Authorization": "Bearer wrong"})
+    status, headers, _ = fetch(keyed, "/v2", headers={"Authorization": "Bearer wrong"})
     assert status == 401 and 'error="invalid_token"' in headers["WWW-Authenticate"]
-    assert http(keyed, "/v2", headers={"Authorization": f"bearer {API_KEY}"})[0] == 200
-    status, _, _ = http(keyed, "/v2/models/tiny/infer", infer_json(), {"Authorization": API_KEY})
+    assert fetch(keyed, "/v2", headers={"Authorization": f"bearer {API_KEY}"})[0] == 200
+    status, _, _ = fetch(keyed, "/v2/models/tiny/infer", infer_json(), {"Authorization": API_KEY})
     assert status == 401  # the scheme is required
 
 

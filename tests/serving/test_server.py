@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,7 @@ import tritonclient.http as httpclient
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from tests.serving.serving_helpers import CLASSES, ServerProcess
+from tests.serving.serving_helpers import CLASSES, ServerProcess, fetch
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -30,23 +28,13 @@ def reference(model: Path, batch: np.ndarray) -> dict[str, np.ndarray]:
     return {"logits": logits, "probabilities": probabilities}
 
 
-def http(server: ServerProcess, path: str, body: bytes | None = None, headers: dict | None = None):
-    """(status, headers, body) for any status: urllib raises on non-2xx, we don't."""
-    request = urllib.request.Request(server.url + path, data=body, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.headers, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.headers, error.read()
-
-
 @pytest.fixture(scope="module")
 def client(server: ServerProcess) -> httpclient.InferenceServerClient:
     return httpclient.InferenceServerClient(server.host_port, concurrency=8)
 
 
 def metrics(server: ServerProcess) -> dict[tuple[str, tuple], float]:
-    status, _, body = http(server, "/metrics")
+    status, _, body = fetch(server, "/metrics")
     assert status == 200
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
@@ -118,7 +106,7 @@ def test_infer_default_client_call_and_version_route(
 
 def test_raw_binary_body(server: ServerProcess, tiny_model: Path) -> None:
     batch = images(1, seed=3)
-    status, headers, body = http(
+    status, headers, body = fetch(
         server, "/v2/models/tiny/infer", batch.tobytes(), {"Inference-Header-Content-Length": "0"}
     )
     assert status == 200
@@ -244,22 +232,22 @@ BINARY_HEADER = json.dumps(
     ],
 )
 def test_bad_body_is_400(server: ServerProcess, body: bytes, headers: dict, needle: str) -> None:
-    status, _, answer = http(server, "/v2/models/tiny/infer", body, headers)
+    status, _, answer = fetch(server, "/v2/models/tiny/infer", body, headers)
     assert status == 400, answer
     assert needle in json.loads(answer)["error"]
 
 
 def test_body_over_limit_is_413_and_server_keeps_serving(client, server: ServerProcess) -> None:
-    status, _, answer = http(server, "/v2/models/tiny/infer", bytes(300 * 1024))
+    status, _, answer = fetch(server, "/v2/models/tiny/infer", bytes(300 * 1024))
     assert status == 413 and "exceeds the limit" in json.loads(answer)["error"]
     assert client.is_server_live()
 
 
 def test_routes_and_methods(server: ServerProcess) -> None:
-    assert http(server, "/v2/nothing-here")[0] == 404
-    assert http(server, "/v2/models/tiny/versions/7")[0] == 404
-    assert http(server, "/v2/models/tiny/infer")[0] == 405  # GET
-    assert http(server, "/v2/health/live")[0] == 200
+    assert fetch(server, "/v2/nothing-here")[0] == 404
+    assert fetch(server, "/v2/models/tiny/versions/7")[0] == 404
+    assert fetch(server, "/v2/models/tiny/infer")[0] == 405  # GET
+    assert fetch(server, "/v2/health/live")[0] == 200
 
 
 # Classify
@@ -272,7 +260,7 @@ def _png(size=(20, 12), color=(200, 30, 30)) -> bytes:
 
 
 def test_classify_png_matches_onnxruntime(server: ServerProcess, tiny_model: Path) -> None:
-    status, _, answer = http(server, "/v1/classify?top_k=2", _png(), {"Content-Type": "image/png"})
+    status, _, answer = fetch(server, "/v1/classify?top_k=2", _png(), {"Content-Type": "image/png"})
     assert status == 200, answer
     predictions = json.loads(answer)["predictions"]
     pixels = np.zeros((1, 3, 8, 8), np.uint8)
@@ -294,7 +282,7 @@ def test_classify_multipart(server: ServerProcess) -> None:
         + f"\r\n--{boundary}--\r\n".encode()
     )
     headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
-    status, _, answer = http(server, "/v1/classify", body, headers)
+    status, _, answer = fetch(server, "/v1/classify", body, headers)
     assert status == 200, answer
     assert len(json.loads(answer)["predictions"]) == len(CLASSES)  # top_k 5 capped at 4 classes
 
@@ -309,7 +297,7 @@ def test_classify_multipart(server: ServerProcess) -> None:
 def test_classify_bad_input_is_400(
     server: ServerProcess, path: str, body: bytes, needle: str
 ) -> None:
-    status, _, answer = http(server, path, body, {"Content-Type": "image/png"})
+    status, _, answer = fetch(server, path, body, {"Content-Type": "image/png"})
     assert status == 400 and needle in json.loads(answer)["error"]
 
 
@@ -319,7 +307,7 @@ def test_metrics_count_what_happened(client, server: ServerProcess) -> None:
     infer_input = httpclient.InferInput("images", [3, 3, 8, 8], "UINT8")
     infer_input.set_data_from_numpy(images(3))
     client.infer("tiny", [infer_input])
-    http(server, "/v2/models/tiny/infer", b"{bad")
+    fetch(server, "/v2/models/tiny/infer", b"{bad")
     after = metrics(server)
     model = (("model", "tiny"),)
 
