@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import typer
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -10,9 +11,17 @@ def test_every_stage_is_a_subcommand_with_help():
     runner = CliRunner()
     listing = runner.invoke(app, ["--help"])
     assert listing.exit_code == 0
-    for stage in ("prepare", "train", "evaluate"):
+    for stage in ("prepare", "train", "evaluate", "export", "build-engine"):
         assert stage in listing.output
         assert runner.invoke(app, [stage, "--help"]).exit_code == 0
+    assert "--variant" in runner.invoke(app, ["export", "--help"]).output
+
+
+def test_every_cli_option_has_help():
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        undocumented = [p.name for p in command.params if p.name != "help" and not p.help]
+        assert not undocumented, f"tensorferry {name}: options without help: {undocumented}"
 
 
 def test_prepare_via_cli_writes_the_data(tmp_path):

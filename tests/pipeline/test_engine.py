@@ -13,11 +13,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import typer
 from typer.testing import CliRunner
 
 from pipeline import engine, onnx_tools, quantize, tensorrt_build
 from pipeline.artifacts import sha256_file
+from pipeline.cli import app
 from pipeline.errors import StageError
 from pipeline.params import EngineParams
 from serving.compat import EngineError, HostInfo, check_plan
@@ -264,22 +264,11 @@ def test_sidecar_content_and_serving_accepts_it(shared):
 # CLI
 
 
-def cli_app() -> typer.Typer:
-    app = typer.Typer()
-    app.command()(engine.command)
-    return app
-
-
-def test_every_cli_option_has_help():
-    command = typer.main.get_command(cli_app())
-    assert all(param.help for param in command.params if param.name != "help")
-
-
 def test_cli_takes_precision_from_the_onnx_file(shared, tmp_path):
     out = tmp_path / "model.int8.opt.onnx"
     result = CliRunner().invoke(
-        cli_app(),
-        ["--onnx", str(shared.variant("int8")), "--target", "onnxruntime"]
+        app,
+        ["build-engine", "--onnx", str(shared.variant("int8")), "--target", "onnxruntime"]
         + ["--out", str(out), "--data-dir", str(shared.data_dir)]
         + ["--report", str(tmp_path / "engine.json")],
     )

@@ -12,12 +12,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
-import typer
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
 from pipeline import export, onnx_tools
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.cli import app
 from pipeline.dataset import load_meta
 from pipeline.errors import StageError
 from pipeline.models import Classifier
@@ -228,26 +228,13 @@ def test_unsupported_opset_fails_before_writing(shared, tmp_path):
 # CLI
 
 
-def cli_app() -> typer.Typer:
-    app = typer.Typer()
-    app.command()(export.command)
-    return app
-
-
-def test_every_cli_option_has_help():
-    command = typer.main.get_command(cli_app())
-    assert all(param.help for param in command.params if param.name != "help")
-    result = CliRunner().invoke(cli_app(), ["--help"])
-    assert result.exit_code == 0 and "--variant" in result.output
-
-
 def test_cli_options_override_params_file(shared, tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("export:\n  variants: [fp32, int8]\n  opset: 19\n")
     out = tmp_path / "onnx"
     result = CliRunner().invoke(
-        cli_app(),
-        ["--checkpoint", str(shared.checkpoint), "--data-dir", str(shared.data_dir)]
+        app,
+        ["export", "--checkpoint", str(shared.checkpoint), "--data-dir", str(shared.data_dir)]
         + ["--out", str(out), "--report", str(tmp_path / "export.json")]
         + ["--params", str(params), "--variant", "fp32", "--opset", "18"],
     )
