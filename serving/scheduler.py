@@ -1,15 +1,17 @@
 """Runs batches off the event loop: the BatchQueue policy, one worker thread, timers.
 
-Everything except ``_work`` runs on the event loop thread, so the queue needs no lock.
-The worker thread only concatenates, calls the backend (onnxruntime releases the GIL)
-and posts the result back; accepting and parsing requests never waits for it.
+The event loop parses requests, queues them and writes answers; the worker thread
+concatenates, calls the backend (onnxruntime releases the GIL) and takes its own next
+batch when the last one ends, so starting a batch never waits for the event loop to be
+scheduled. The event loop only wakes an idle worker, at the end of the pass that queued a
+request, so requests read in one pass share a batch. The queue is shared: every
+BatchQueue call holds ``_lock``, and the worker holds it to take a batch, never to run one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 from collections.abc import Callable
 from time import perf_counter
@@ -57,18 +59,21 @@ class Scheduler:
         self.metrics = metrics
         self._batches = batches
         self._loop = loop
-        self._idle_since: float | None = float("-inf")  # None while a batch runs
-        self._running = 0  # batches handed to the worker and not finished
-        self._check_scheduled = False
-        self._wake: asyncio.TimerHandle | None = None
-        self._work: queue.SimpleQueue[list[Job] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._batch_ready = threading.Condition(self._lock)  # the loop wakes an idle worker
+        # Guarded by _lock: when the worker last went idle (None while it runs a batch).
+        self._idle_since: float | None = float("-inf")
+        self._stopping = False
+        self._check_scheduled = False  # event loop thread only
         self._thread = threading.Thread(target=self._worker, name="batch-worker", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        self._work.put(None)
+        with self._lock:
+            self._stopping = True
+            self._batch_ready.notify()
         self._thread.join(timeout=5)
 
     @property
@@ -77,13 +82,15 @@ class Scheduler:
 
     @property
     def idle(self) -> bool:
-        return self._running == 0 and not self._batches
+        with self._lock:
+            return self._idle_since is not None and not self._batches
 
     def submit(self, array: np.ndarray, done: Done, timeout_s: float | None) -> bool:
         """Queue one request; False if the queue is full. ``done`` is called exactly once."""
         job = Job(array, done)
         job.enqueued = now = perf_counter()
-        job.pending = self._batches.put(job, len(array), now)
+        with self._lock:
+            job.pending = self._batches.put(job, len(array), now)
         if job.pending is None:
             return False
         if timeout_s:
@@ -91,37 +98,20 @@ class Scheduler:
         if not self._check_scheduled:
             # Deferred to the end of this loop pass: requests read in the same pass share a batch.
             self._check_scheduled = True
-            self._loop.call_soon(self._dispatch)
+            self._loop.call_soon(self._wake_worker)
         return True
 
-    def _dispatch(self) -> None:
+    def _wake_worker(self) -> None:
         self._check_scheduled = False
-        now = perf_counter()
-        # A full batch may wait in the worker's queue behind the running one, so the worker
-        # starts it without a round trip through the event loop (which may hold the GIL).
-        if self._batches.ready(now, self._idle_since) or (
-            self._running == 1 and self._batches.full
-        ):
-            jobs = self._batches.take()
-            self._idle_since = None
-            self._running += 1
-            for job in jobs:
-                if job.timer is not None:
-                    job.timer.cancel()
-            self._work.put(jobs)
-        elif self._idle_since is not None:
-            self._wake_at(self._batches.wake_at(), now)
-
-    def _wake_at(self, when: float | None, now: float) -> None:
-        if when is None:
-            return
-        if self._wake is not None:
-            self._wake.cancel()
-        self._wake = self._loop.call_later(max(0.0, when - now), self._dispatch)
+        with self._lock:
+            if self._idle_since is not None:  # a busy worker looks at the queue when it ends
+                self._batch_ready.notify()
 
     def _expire(self, job: Job) -> None:
         assert job.pending is not None
-        if self._batches.discard(job.pending):
+        with self._lock:
+            expired = self._batches.discard(job.pending)
+        if expired:
             waited_ms = (perf_counter() - job.enqueued) * 1e3
             self._deliver(
                 job,
@@ -129,8 +119,22 @@ class Scheduler:
                 QueueTimeout(f"request timeout expired after {waited_ms:.0f} ms in the queue"),
             )
 
+    def _next_batch(self) -> list[Job] | None:
+        """Block until a batch should start (BatchQueue decides) and take it; None: stop."""
+        with self._lock:
+            if self._idle_since is None:  # a batch just ended
+                self._idle_since = perf_counter()
+            while not self._stopping:
+                now = perf_counter()
+                if self._batches.ready(now, self._idle_since):
+                    self._idle_since = None
+                    return self._batches.take()
+                wake_at = self._batches.wake_at()
+                self._batch_ready.wait(None if wake_at is None else max(0.0, wake_at - now))
+            return None
+
     def _worker(self) -> None:
-        while (jobs := self._work.get()) is not None:
+        while (jobs := self._next_batch()) is not None:
             started = perf_counter()
             try:
                 batch = merge([job.array for job in jobs])
@@ -151,10 +155,6 @@ class Scheduler:
         started: float,
         ended: float,
     ) -> None:
-        self._running -= 1
-        if self._running == 0:
-            self._idle_since = perf_counter()
-        self._dispatch()  # start the next batch before writing this one's answers
         rows = sum(len(job.array) for job in jobs)
         self.metrics.compute_seconds.observe(ended - started)
         for job in jobs:
@@ -163,6 +163,8 @@ class Scheduler:
         self.metrics.executions.inc()
         self.metrics.inferences.inc(rows)
         for i, job in enumerate(jobs):
+            if job.timer is not None:
+                job.timer.cancel()  # only the loop may touch its timers; a late one finds nothing
             self._deliver(job, None if outputs is None else outputs[i], error)
 
     @staticmethod
