@@ -3,18 +3,28 @@
 Latencies are histograms (not Triton's cumulative counters) so p99 comes from
 ``histogram_quantile`` and aggregates across replicas. Buckets span 50 µs (a small CNN
 on CPU) to 60 s (a large model on a busy GPU).
+
+The series updated for every request are plain Python numbers changed only on the event
+loop thread and rendered through a collector at scrape time: prometheus_client's own
+Histogram takes a lock and walks its buckets on every observation, which was about
+3 µs of the event loop's 21 µs of Python per request.
 """
 
 from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterator
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
@@ -33,6 +43,60 @@ def _batch_buckets(max_batch_size: int) -> tuple[float, ...]:
     return (*edges, float(max_batch_size))
 
 
+class LoopHistogram:
+    """A histogram only the event loop thread updates: no lock, one bisect per value."""
+
+    __slots__ = ("name", "doc", "bounds", "counts", "total")
+
+    def __init__(self, name: str, doc: str, bounds: tuple[float, ...]) -> None:
+        self.name = name
+        self.doc = doc
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # per bucket, not cumulative; the last is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # le is inclusive
+        self.total += value
+
+    def family(self, model: str) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(self.name, self.doc, labels=["model"])
+        running, buckets = 0, []
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += count
+            buckets.append((floatToGoString(bound), running))
+        family.add_metric([model], buckets, self.total)
+        return family
+
+
+class LoopCounter:
+    """A counter only the event loop thread updates."""
+
+    __slots__ = ("name", "doc", "value")
+
+    def __init__(self, name: str, doc: str) -> None:
+        self.name = name
+        self.doc = doc
+        self.value = 0
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+    def family(self, model: str) -> CounterMetricFamily:
+        family = CounterMetricFamily(self.name, self.doc, labels=["model"])
+        family.add_metric([model], self.value)
+        return family
+
+
+class _LoopSeries(Collector):
+    def __init__(self, model: str, series: list[LoopHistogram | LoopCounter]) -> None:
+        self.model = model
+        self.series = series
+
+    def collect(self) -> Iterator[Metric]:
+        return (s.family(self.model) for s in self.series)
+
+
 class Metrics:
     """Per-model series, with the label already bound so the hot path does no lookups."""
 
@@ -42,39 +106,46 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r, m = self.registry, [model]
         p = "tensorferry_"
-        success = Counter(p + "request_success", "Requests answered 200", ["model"], registry=r)
         failure = Counter(
             p + "request_failure",
             "Requests answered with an error",
             ["model", "reason"],
             registry=r,
         )
-        self.success = success.labels(*m)
         self.failure = {reason: failure.labels(model, reason) for reason in FAILURE_REASONS}
-
-        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(p + name, doc, ["model"], buckets=buckets, registry=r).labels(*m)
-
-        self.request_seconds = histogram(
-            "request_duration_seconds",
+        self.success = LoopCounter(p + "request_success", "Requests answered 200")
+        self.request_seconds = LoopHistogram(
+            p + "request_duration_seconds",
             "Infer request latency, body parsed to answer written",
             LATENCY_BUCKETS,
         )
-        self.queue_seconds = histogram(
-            "queue_duration_seconds", "Time a request waited in the batch queue", LATENCY_BUCKETS
+        self.queue_seconds = LoopHistogram(
+            p + "queue_duration_seconds",
+            "Time a request waited in the batch queue",
+            LATENCY_BUCKETS,
         )
-        self.compute_seconds = histogram(
-            "compute_duration_seconds", "Time one batch spent in the backend", LATENCY_BUCKETS
+        self.compute_seconds = LoopHistogram(
+            p + "compute_duration_seconds", "Time one batch spent in the backend", LATENCY_BUCKETS
         )
-        self.batch_size = histogram(
-            "batch_size", "Rows per backend execution", _batch_buckets(max_batch_size)
+        self.batch_size = LoopHistogram(
+            p + "batch_size", "Rows per backend execution", _batch_buckets(max_batch_size)
         )
-        self.inferences = Counter(
-            p + "inference_count", "Rows (images) inferred", ["model"], registry=r
-        ).labels(*m)
-        self.executions = Counter(
-            p + "execution_count", "Backend executions (batches)", ["model"], registry=r
-        ).labels(*m)
+        self.inferences = LoopCounter(p + "inference_count", "Rows (images) inferred")
+        self.executions = LoopCounter(p + "execution_count", "Backend executions (batches)")
+        r.register(
+            _LoopSeries(
+                model,
+                [
+                    self.success,
+                    self.request_seconds,
+                    self.queue_seconds,
+                    self.compute_seconds,
+                    self.batch_size,
+                    self.inferences,
+                    self.executions,
+                ],
+            )
+        )
         self.pending = Gauge(
             p + "pending_requests", "Requests queued for a batch", ["model"], registry=r
         ).labels(*m)

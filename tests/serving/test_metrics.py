@@ -1,0 +1,58 @@
+"""The event-loop histogram and counter must expose what prometheus_client's own would."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving.metrics import LATENCY_BUCKETS, Metrics
+
+NAME = "tensorferry_request_duration_seconds"
+
+
+def samples(text: bytes, name: str) -> dict[tuple, float]:
+    family = next(f for f in text_string_to_metric_families(text.decode()) if f.name == name)
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for s in family.samples}
+
+
+values = st.floats(min_value=0, max_value=120, allow_nan=False)
+
+
+@given(st.lists(values, max_size=60) | st.lists(st.sampled_from(LATENCY_BUCKETS), max_size=20))
+def test_latency_histogram_matches_prometheus_client(observed: list[float]) -> None:
+    # Bucket edges themselves are in the second strategy: le is inclusive in both.
+    ours = Metrics("m", 64, {"backend": "onnxruntime"})
+    registry = CollectorRegistry()
+    reference = Histogram(NAME, "doc", ["model"], buckets=LATENCY_BUCKETS, registry=registry)
+    child = reference.labels("m")
+    for value in observed:
+        ours.request_seconds.observe(value)
+        child.observe(value)
+    got, want = samples(ours.render(), NAME), samples(generate_latest(registry), NAME)
+    want = {k: v for k, v in want.items() if not k[0].endswith("_created")}
+    total = (NAME + "_sum", (("model", "m"),))
+    assert got.pop(total) == pytest.approx(want.pop(total))  # same sum, maybe summed apart
+    assert got == want
+
+
+def test_counters_and_batch_histogram_render_with_the_model_label() -> None:
+    metrics = Metrics("seed_cnn", 8, {"backend": "onnxruntime"})
+    for rows in (1, 3, 8, 8):
+        metrics.batch_size.observe(rows)
+        metrics.inferences.inc(rows)
+        metrics.executions.inc()
+    metrics.success.inc()
+    text = metrics.render()
+    label = (("model", "seed_cnn"),)
+    batch = samples(text, "tensorferry_batch_size")
+    assert batch[("tensorferry_batch_size_bucket", (("le", "2.0"), *label))] == 1
+    assert batch[("tensorferry_batch_size_bucket", (("le", "4.0"), *label))] == 2
+    assert batch[("tensorferry_batch_size_bucket", (("le", "8.0"), *label))] == 4
+    assert batch[("tensorferry_batch_size_count", label)] == 4
+    inferences = samples(text, "tensorferry_inference_count")
+    assert inferences[("tensorferry_inference_count_total", label)] == 20
+    success = samples(text, "tensorferry_request_success")
+    assert success[("tensorferry_request_success_total", label)] == 1
