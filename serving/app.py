@@ -40,6 +40,7 @@ def _version() -> str:
 log = logging.getLogger("serving")
 
 RETRY = {"Retry-After": "1"}
+MODEL_VERBS = {"": "GET", "ready": "GET", "config": "GET", "infer": "POST"}  # under a model
 
 
 @dataclass
@@ -65,6 +66,7 @@ class App:
         self._version = _version()
         self._api_key = None if config.api_key is None else config.api_key.encode()
         self._public = set(config.public_routes)
+        self._model_verbs: dict[str, str] = {}  # path after /v2/models/ -> verb; see _model_verb
         # Read at scrape time: free on the request path.
         metrics.pending.set_function(lambda: scheduler.queued)
         metrics.inflight.set_function(lambda: self.state.inflight)
@@ -162,25 +164,12 @@ class App:
         }
 
     def _model_route(self, request: Request, rest: str) -> None:
-        parts = rest.rstrip("/").split("/")
-        name = unquote(parts[0])
-        if name != self.name:
-            return request.error(404, f"Request for unknown model: '{name}' is not found")
-        action = parts[1:]
-        if action[:1] == ["versions"]:
-            if len(action) < 2 or action[1] != "1":
-                return request.error(
-                    404, f"Request for unknown model: '{name}' has no such version"
-                )
-            action = action[2:]
-        verb = "/".join(action)
-        methods = {"": "GET", "ready": "GET", "config": "GET", "infer": "POST"}
-        if verb not in methods:
-            return request.error(404, "Not Found")
-        if request.method != methods[verb]:
-            return request.error(
-                405, f"{verb or 'metadata'} takes {methods[verb]}, not {request.method}"
-            )
+        verb = self._model_verbs.get(rest)
+        if verb is None and (verb := self._model_verb(request, rest)) is None:
+            return  # answered 404
+        method = MODEL_VERBS[verb]
+        if request.method != method:
+            return request.error(405, f"{verb or 'metadata'} takes {method}, not {request.method}")
         if verb == "infer":
             return self._infer(request)
         if verb == "ready":
@@ -188,6 +177,31 @@ class App:
         request.respond_json(
             200, self._model_config() if verb == "config" else self._model_metadata()
         )
+
+    def _model_verb(self, request: Request, rest: str) -> str | None:
+        """The verb a path under /v2/models/ names, or None once it is answered 404.
+
+        Clients repeat the same few paths, so the answers for this model are remembered
+        (a bounded few: percent-encoding can spell one path many ways).
+        """
+        parts = rest.rstrip("/").split("/")
+        name = unquote(parts[0])
+        if name != self.name:
+            request.error(404, f"Request for unknown model: '{name}' is not found")
+            return None
+        action = parts[1:]
+        if action[:1] == ["versions"]:
+            if len(action) < 2 or action[1] != "1":
+                request.error(404, f"Request for unknown model: '{name}' has no such version")
+                return None
+            action = action[2:]
+        verb = "/".join(action)
+        if verb not in MODEL_VERBS:
+            request.error(404, "Not Found")
+            return None
+        if len(self._model_verbs) < 64:
+            self._model_verbs[rest] = verb
+        return verb
 
     # inference
     def _admit(self, request: Request) -> bool:
@@ -206,8 +220,10 @@ class App:
         request.error(400, str(exc))
 
     def _timeout_s(self, requested_us: int | None) -> float | None:
-        limits = [t for t in (self.config.timeout_ms * 1000, requested_us) if t]
-        return min(limits) / 1e6 if limits else None  # a request may shorten, never lengthen
+        limit_us = self.config.timeout_ms * 1000  # 0: no server-wide limit
+        if requested_us and (not limit_us or requested_us < limit_us):
+            limit_us = requested_us  # a request may shorten its timeout, never lengthen it
+        return limit_us / 1e6 if limit_us else None
 
     def _infer(self, request: Request) -> None:
         if not self._admit(request):
