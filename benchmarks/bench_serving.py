@@ -152,12 +152,20 @@ def wait_ready(url: str, timeout: float = 30) -> None:
     raise RuntimeError(f"server at {url} never became ready")
 
 
-def start_server(model: Path, threads: int, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(
+    model: Path, threads: int, max_batch: int, lean: bool = False
+) -> tuple[subprocess.Popen, str]:
+    """The real server, or with ``lean`` the bare reference server in lean_server.py."""
     port = free_port()
-    command = [
-        sys.executable, "-m", "serving", "--engine", str(model), "--port", str(port),
-        "--threads", str(threads), "--max-batch-size", str(max_batch), "--log-level", "WARNING",
-    ]  # fmt: skip
+    if lean:
+        command = [sys.executable, str(REPO / "benchmarks" / "lean_server.py"), str(model)]
+        command += [str(port), str(threads)]
+    else:
+        command = [
+            sys.executable, "-m", "serving", "--engine", str(model), "--port", str(port),
+            "--threads", str(threads), "--max-batch-size", str(max_batch),
+            "--log-level", "WARNING",
+        ]  # fmt: skip
     proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     url = f"http://127.0.0.1:{port}"
     wait_ready(url)
@@ -232,9 +240,9 @@ def run_wrk(url: str, body: tuple[Path, int], connections: int, seconds: float, 
 class Server:
     """A server for one setting, kept up across runs so runs can interleave with others."""
 
-    def __init__(self, model: Path, threads: int, max_batch: int) -> None:
+    def __init__(self, model: Path, threads: int, max_batch: int, lean: bool = False) -> None:
         self.threads = threads
-        self.proc, self.url = start_server(model, threads, max_batch)
+        self.proc, self.url = start_server(model, threads, max_batch, lean)
 
     def load(self, body: tuple[Path, int], rows: int, connections: int, seconds: float) -> dict:
         r = run_wrk(self.url, body, connections, seconds, self.proc.pid)
@@ -250,18 +258,29 @@ def median_of(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
+def bracketed(backend, run) -> dict:
+    """One server run with the batch-64 ceiling measured just before and just after it.
+
+    The machine is shared: the ceiling moved by up to 30 % between runs a minute apart,
+    so each run is compared with the mean of its own two neighbours.
+    """
+    before = ceiling_at(backend, 64, 1.5)
+    result = run()
+    ceiling_64 = (before + ceiling_at(backend, 64, 1.5)) / 2
+    return {**result, "ceiling_64": ceiling_64, "ratio": result["img_s"] / ceiling_64}
+
+
 def throughput(model: Path, folder: Path, threads: int, rows: int, connections: int, args) -> dict:
-    """Server img/s against the batch-64 ceiling measured just before each run (same threads)."""
+    """Server img/s against the batch-64 ceiling measured around each run (same threads)."""
     server = Server(model, threads, 64)
     body = write_body(folder, rows)
     backend = load_onnxruntime(model, "cpu", threads)
     try:
         server.load(body, rows, connections, 1)  # warm connections and caches
-        runs = []
-        for _ in range(args.runs):
-            ceiling_64 = ceiling_at(backend, 64, 1.5)
-            run = server.load(body, rows, connections, args.duration)
-            runs.append({**run, "ceiling_64": ceiling_64, "ratio": run["img_s"] / ceiling_64})
+        runs = [
+            bracketed(backend, lambda: server.load(body, rows, connections, args.duration))
+            for _ in range(args.runs)
+        ]
         rss = peak_rss_mb(server.proc.pid)
     finally:
         stop_server(server.proc)
@@ -280,23 +299,53 @@ def throughput(model: Path, folder: Path, threads: int, rows: int, connections: 
     }
 
 
-def batching_on_off(model: Path, folder: Path, connections: int, args) -> dict:
-    """Single images, 2 threads: --max-batch-size 64 vs 1, runs alternating, ratios per pair."""
-    on, off = Server(model, 2, 64), Server(model, 2, 1)
-    body = write_body(folder, 1)
+def alternating(
+    servers: tuple[Server, Server], folder: Path, rows: int, connections: int, args, measure
+):
+    """Runs of two servers taking turns under the same load, so both see the same machine.
+
+    ``measure`` wraps each run (a callable returning its figures); both servers stop at
+    the end. Returns one (first, second) pair of figures per run.
+    """
+    body = write_body(folder, rows)
     try:
-        for server in (on, off):
-            server.load(body, 1, connections, 1)
-        pairs = [
-            (
-                on.load(body, 1, connections, args.duration),
-                off.load(body, 1, connections, args.duration),
+        for server in servers:
+            server.load(body, rows, connections, 1)
+        return [
+            tuple(
+                measure(lambda s=s: s.load(body, rows, connections, args.duration)) for s in servers
             )
             for _ in range(args.runs)
         ]
     finally:
-        stop_server(on.proc)
-        stop_server(off.proc)
+        for server in servers:
+            stop_server(server.proc)
+
+
+def versus_lean(model: Path, folder: Path, rows: int, connections: int, args) -> dict:
+    """The real server and lean_server.py, 2 threads, alternating runs, each bracketed."""
+    backend = load_onnxruntime(model, "cpu", 2)
+    servers = (Server(model, 2, 64), Server(model, 2, 64, lean=True))
+    pairs = alternating(
+        servers, folder, rows, connections, args, lambda run: bracketed(backend, run)
+    )
+    return {
+        "rows": rows,
+        "connections": connections,
+        **{
+            f"{who}_{key}": statistics.median(pair[i][key] for pair in pairs)
+            for i, who in enumerate(("real", "lean"))
+            for key in ("img_s", "ratio", "p99_ms", "cpu_us")
+        },
+        "real_over_lean": statistics.median(a["img_s"] / b["img_s"] for a, b in pairs),
+        "errors": sum(r["non2xx"] + r["socket_errors"] for pair in pairs for r in pair),
+    }
+
+
+def batching_on_off(model: Path, folder: Path, connections: int, args) -> dict:
+    """Single images, 2 threads: --max-batch-size 64 vs 1, runs alternating, ratios per pair."""
+    servers = (Server(model, 2, 64), Server(model, 2, 1))
+    pairs = alternating(servers, folder, 1, connections, args, lambda run: run())
     return {
         "connections": connections,
         "on_p50_ms": statistics.median(a["p50_ms"] for a, _ in pairs),
@@ -341,6 +390,10 @@ THROUGHPUT_COLUMNS = (
     "threads", "images/request", "connections", "img/s", "ceiling b64", "ratio", "p50 ms",
     "p99 ms", "server CPU µs/img", "errors", "peak RSS MB",
 )  # fmt: skip
+LEAN_COLUMNS = (
+    "images/request", "connections", "img/s", "ratio", "p99 ms", "CPU µs/img", "lean img/s",
+    "lean ratio", "lean p99 ms", "lean CPU µs/img", "server / lean", "errors",
+)  # fmt: skip
 ON_OFF_COLUMNS = (
     "connections", "p50 on ms", "p50 off ms", "p50 on/off", "p99 on ms", "p99 off ms",
     "img/s on", "img/s off", "errors",
@@ -364,11 +417,16 @@ def print_report(results: dict) -> None:
     rates = [[t, *(r[b] for b in (1, 8, 64))] for t, r in results["ceilings"].items()]
     print(table(("intra-op threads", "batch 1", "batch 8", "batch 64"), rates))
     print(
-        "\nserver, median of runs; ratio = server img/s / batch-64 ceiling taken before each run\n"
+        "\nserver, median of runs; ratio = server img/s / mean of the batch-64 ceilings taken "
+        "just before and after each run\n"
     )
     keys = ("threads", "rows", "connections", "img_s", "ceiling_64", "ratio", "p50_ms", "p99_ms")
     keys += ("cpu_us", "errors", "rss_mb")
     print(table(THROUGHPUT_COLUMNS, [[r[k] for k in keys] for r in results["throughput"]]))
+    print("\n2 threads: the server against lean_server.py (no validation, no metrics)\n")
+    keys = ("rows", "connections", "real_img_s", "real_ratio", "real_p99_ms", "real_cpu_us")
+    keys += ("lean_img_s", "lean_ratio", "lean_p99_ms", "lean_cpu_us", "real_over_lean", "errors")
+    print(table(LEAN_COLUMNS, [[r[k] for k in keys] for r in results["lean"]]))
     print("\nbatching on (max batch 64) vs off (max batch 1), single images, 2 threads\n")
     keys = ("connections", "on_p50_ms", "off_p50_ms", "p50_ratio", "on_p99_ms", "off_p99_ms")
     keys += ("on_img_s", "off_img_s", "errors")
@@ -394,6 +452,7 @@ def main() -> None:
             throughput(model, folder, threads, rows, connections, args)
             for threads, rows, connections in [(1, 64, 4), (2, 64, 4), (1, 1, 64), (2, 1, 64)]
         ],
+        "lean": [versus_lean(model, folder, rows, c, args) for rows, c in [(1, 64), (64, 4)]],
         "on_off": [batching_on_off(model, folder, c, args) for c in (1, 16, 64)],
     }
     print_report(results)
