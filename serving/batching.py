@@ -48,11 +48,6 @@ class BatchQueue(Generic[T]):
     def rows(self) -> int:
         return self._rows
 
-    @property
-    def full(self) -> bool:
-        """A whole batch is waiting: worth queueing behind a running one."""
-        return self._rows >= self.max_batch_size
-
     def put(self, item: T, rows: int, now: float) -> Pending[T] | None:
         """Queue a request; ``None`` when the queue is full (reject it, don't block)."""
         if not 1 <= rows <= self.max_batch_size:

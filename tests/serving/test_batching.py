@@ -104,10 +104,3 @@ def test_every_row_comes_back_once_in_order_within_the_cap(rows, max_batch, canc
         taken += batch
     assert taken == [i for i in range(len(rows)) if i not in cancel]
     assert len(queue) == 0 and queue.rows == 0
-
-
-def test_full_says_when_a_whole_batch_waits() -> None:
-    queue = queue_of(3, 4, max_batch=8)
-    assert not queue.full
-    queue.put("r2", 1, 0.0)
-    assert queue.full
