@@ -1,0 +1,63 @@
+"""The scheduler on a real onnxruntime model, with the event loop kept busy on purpose."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from serving.backends import load_backend
+from serving.batching import BatchQueue
+from serving.metrics import Metrics
+from serving.scheduler import Scheduler
+from tests.serving.serving_helpers import build_model
+
+
+@pytest.fixture(scope="module")
+def slow_backend(tmp_path_factory: pytest.TempPathFactory):
+    """About 0.3 s per run on 2 cores, whatever the batch."""
+    model = build_model(tmp_path_factory.mktemp("slow") / "slow.onnx", slow_rounds=120)
+    return load_backend(model, "cpu", 1, None)
+
+
+class StartTimes:
+    """The real backend, noting when each run starts."""
+
+    def __init__(self, backend) -> None:
+        self.backend = backend
+        self.starts: list[float] = []
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        self.starts.append(time.perf_counter())
+        return self.backend.run(batch)
+
+
+async def _queue_behind_a_running_batch_then_block_the_loop(backend: StartTimes) -> float:
+    loop = asyncio.get_running_loop()
+    scheduler = Scheduler(backend, BatchQueue(1, 0.0), Metrics("slow", 1, {}), loop)
+    scheduler.start()
+    answered: list[asyncio.Future] = [loop.create_future() for _ in range(2)]
+    image = np.zeros((1, 3, 8, 8), np.uint8)
+
+    def done_for(i: int):
+        return lambda outputs, error: answered[i].set_result(error)
+
+    assert scheduler.submit(image, done_for(0), None)
+    await asyncio.sleep(0.05)  # the pass ends, the idle worker takes the first batch
+    assert scheduler.submit(image, done_for(1), None)  # one row per batch: it must wait
+    time.sleep(1.5)  # the event loop is stuck: it can hand nothing over, answer nothing
+    unblocked = time.perf_counter()
+    assert await asyncio.wait_for(asyncio.gather(*answered), 10) == [None, None]
+    scheduler.stop()
+    return unblocked
+
+
+def test_the_worker_starts_queued_work_while_the_event_loop_is_busy(slow_backend) -> None:
+    backend = StartTimes(slow_backend)
+    unblocked = asyncio.run(_queue_behind_a_running_batch_then_block_the_loop(backend))
+    assert len(backend.starts) == 2
+    assert backend.starts[1] < unblocked - 0.3, (
+        "the second batch waited for the event loop instead of starting when the first ended"
+    )
