@@ -64,7 +64,7 @@ class Scheduler:
         # Guarded by _lock: when the worker last went idle (None while it runs a batch).
         self._idle_since: float | None = float("-inf")
         self._stopping = False
-        self._check_scheduled = False  # event loop thread only
+        self._wake_scheduled = False  # event loop thread only
         self._thread = threading.Thread(target=self._worker, name="batch-worker", daemon=True)
 
     def start(self) -> None:
@@ -95,14 +95,14 @@ class Scheduler:
             return False
         if timeout_s:
             job.timer = self._loop.call_later(timeout_s, self._expire, job)
-        if not self._check_scheduled:
+        if not self._wake_scheduled:
             # Deferred to the end of this loop pass: requests read in the same pass share a batch.
-            self._check_scheduled = True
+            self._wake_scheduled = True
             self._loop.call_soon(self._wake_worker)
         return True
 
     def _wake_worker(self) -> None:
-        self._check_scheduled = False
+        self._wake_scheduled = False
         with self._lock:
             if self._idle_since is not None:  # a busy worker looks at the queue when it ends
                 self._batch_ready.notify()
