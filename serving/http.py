@@ -13,6 +13,7 @@ import json
 import logging
 from collections import deque
 from collections.abc import Callable, Iterable
+from functools import lru_cache
 from http import HTTPStatus
 from time import monotonic
 from typing import Any
@@ -28,43 +29,56 @@ class _HeadTooLarge(Exception):
     """Raised inside a parser callback to stop reading an oversized request head."""
 
 
+@lru_cache(maxsize=256)  # answers repeat a few heads: same status, type and length
+def _response_head(
+    status: int, content_type: str, size: int, extra: tuple[tuple[str, str], ...], keep_alive: bool
+) -> bytes:
+    lines = "".join(f"{name}: {value}\r\n" for name, value in extra)
+    close = "" if keep_alive else "Connection: close\r\n"
+    return (
+        f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {size}\r\n{lines}{close}\r\n"
+    ).encode("latin-1")
+
+
 class Request:
     __slots__ = ("method", "path", "query", "headers", "body", "keep_alive", "_conn", "_answer")
 
     def __init__(
-        self, conn: HttpConnection, method: str, url: bytes, headers: dict[str, str], body: bytes
+        self,
+        conn: HttpConnection,
+        method: str,
+        path: str,
+        query: str,
+        headers: dict[str, str],
+        body: bytes,
+        keep_alive: bool,
     ) -> None:
-        parsed = httptools.parse_url(url)
         self.method = method
-        self.path = parsed.path.decode("latin-1")
-        self.query = (parsed.query or b"").decode("latin-1")
+        self.path = path
+        self.query = query
         self.headers = headers
         self.body = body
-        self.keep_alive = conn.parser.should_keep_alive()
+        self.keep_alive = keep_alive
         self._conn = conn
         self._answer: list[Any] | None = None
 
     def respond(
         self,
         status: int,
-        parts: list[Any],
+        parts: list[bytes],
         content_type: str = "application/json",
         headers: dict[str, str] | None = None,
     ) -> None:
         """Answer once; later calls are ignored so every request gets exactly one response."""
         if self._answer is not None:
             return
-        size = sum(len(p) for p in parts)  # parts are bytes or byte-cast memoryviews
-        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-        close = "" if self.keep_alive else "Connection: close\r\n"
-        head = (
-            f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {size}\r\n{extra}{close}\r\n"
-        )
-        answer = [head.encode("latin-1"), *parts]
+        size = sum(map(len, parts))
+        extra = tuple(headers.items()) if headers else ()
+        head = _response_head(status, content_type, size, extra, self.keep_alive)
         # One buffer for small answers: uvloop's writelines costs a syscall per part,
         # while copying a large tensor would cost more than the extra syscall.
-        self._answer = [b"".join(answer)] if size < 65536 else answer
+        self._answer = [head + b"".join(parts)] if size < 65536 else [head, *parts]
         self._conn.flush()
 
     def respond_json(
@@ -77,6 +91,26 @@ class Request:
 
 
 Handler = Callable[[Request], None]
+
+
+class _Head:
+    """The head of a request this connection parsed, kept to take its repeats unparsed."""
+
+    __slots__ = ("raw", "size", "method", "path", "query", "headers", "keep_alive")
+
+    def __init__(self, raw: bytes, request: Request) -> None:
+        self.raw = raw
+        self.size = len(raw) + len(request.body)  # the head and a body of its Content-Length
+        self.method = request.method
+        self.path = request.path
+        self.query = request.query
+        self.headers = request.headers  # shared by every repeat: routes only read headers
+        self.keep_alive = request.keep_alive
+
+    def request(self, conn: HttpConnection, body: bytes) -> Request:
+        return Request(
+            conn, self.method, self.path, self.query, self.headers, body, self.keep_alive
+        )
 
 
 class HttpConnection(asyncio.Protocol):
@@ -106,6 +140,9 @@ class HttpConnection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._size = 0
         self._too_large = False
+        self._completed = 0  # requests completed by the chunk being parsed
+        self._last: Request | None = None  # the last of them, unless it was refused
+        self._head: _Head | None = None  # the last head that came alone in one chunk
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -118,7 +155,20 @@ class HttpConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_active = monotonic()
+        head = self._head
+        if (
+            head is not None
+            and len(data) == head.size
+            and not self._in_message
+            and data.startswith(head.raw)
+        ):
+            # Clients repeat one head with a new tensor of the same size (wrk, tritonclient
+            # in a loop). Same bytes parse the same way, so skip the parser's callbacks.
+            self._dispatch(head.request(self, data[len(head.raw) :]))
+            return
         head_was_open = self._head_open
+        starts_clean = not self._in_message
+        self._completed = 0
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -136,6 +186,29 @@ class HttpConnection(asyncio.Protocol):
                 self._head_chunks += len(data)
                 if self._head_chunks > self._max_head:
                     self._reject(431, f"request line and headers exceed {self._max_head} bytes")
+            elif (
+                starts_clean
+                and self._completed == 1
+                and self._last is not None
+                and not self._in_message
+            ):
+                self._remember_head(data, self._last)
+        self._last = None  # holds a body: keep it no longer than this chunk
+
+    def _remember_head(self, data: bytes, request: Request) -> None:
+        """Keep the head of ``request``, which came alone in ``data``, to recognise repeats.
+
+        Only a head whose parse has no side effect: keep-alive, a plain Content-Length
+        body (no chunked framing) and no Expect (its 100 Continue is sent while parsing).
+        """
+        headers = request.headers
+        if not request.keep_alive or "transfer-encoding" in headers or "expect" in headers:
+            return
+        if headers.get("content-length", "0") != str(len(request.body)):
+            return
+        raw = data[: len(data) - len(request.body)]
+        if raw.endswith(b"\r\n\r\n"):
+            self._head = _Head(raw, request)
 
     def _count_head(self, size: int) -> None:
         self._head_bytes += size
@@ -197,18 +270,36 @@ class HttpConnection(asyncio.Protocol):
         self._in_message = False
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         method = self.parser.get_method().decode("latin-1")
-        request = Request(self, method, self._url, self._headers, body)
-        self._answers.append(request)
+        url = httptools.parse_url(self._url)
+        request = Request(
+            self,
+            method,
+            url.path.decode("latin-1"),
+            (url.query or b"").decode("latin-1"),
+            self._headers,
+            body,
+            self.parser.should_keep_alive(),
+        )
+        self._completed += 1
+        self._last = None
+        if not request.keep_alive:
+            self._head = None  # nothing may follow: let the parser refuse whatever does
         if self._too_large:
             # Read to the end before answering: closing on unread data makes the kernel send
             # a reset that can destroy the 413 before the client reads it.
+            self._answers.append(request)
             request.keep_alive = False
             request.error(413, f"request body exceeds the limit of {self._max_body} bytes")
             return
+        self._last = request
+        self._dispatch(request)
+
+    def _dispatch(self, request: Request) -> None:
+        self._answers.append(request)
         try:
             self._handler(request)
         except Exception:  # a bug in one route must cost one 500, not the connection
-            log.exception("unhandled error answering %s %s", method, request.path)
+            log.exception("unhandled error answering %s %s", request.method, request.path)
             request.error(500, "internal server error")
 
     # responses

@@ -224,10 +224,10 @@ def encode_infer(
     request: InferRequest,
     results: dict[str, np.ndarray],
     datatypes: dict[str, str],
-) -> tuple[list[Any], int | None]:
+) -> tuple[list[bytes], int | None]:
     """Body parts (JSON header first) and the Inference-Header-Content-Length, if binary."""
     entries = []
-    blobs: list[Any] = []
+    blobs: list[bytes] = []
     for name, binary in request.outputs:
         array = results[name]
         entry: dict[str, Any] = {
@@ -236,9 +236,8 @@ def encode_infer(
             "shape": list(array.shape),
         }
         if binary:
-            array = np.ascontiguousarray(array)
             entry["parameters"] = {"binary_data_size": array.nbytes}
-            blobs.append(array.data.cast("B"))
+            blobs.append(array.tobytes())
         else:
             entry["data"] = array.ravel().tolist()
         entries.append(entry)
@@ -305,16 +304,16 @@ class InferCodec:
 
     def encode(
         self, request: InferRequest, results: dict[str, np.ndarray]
-    ) -> tuple[list[Any], int | None]:
+    ) -> tuple[list[bytes], int | None]:
         if request.request_id is not None or not all(binary for _, binary in request.outputs):
             return encode_infer(self.model_name, request, results, self._datatypes)
-        arrays = [np.ascontiguousarray(results[name]) for name, _ in request.outputs]
-        key = (request.outputs, *(a.shape for a in arrays))
+        arrays = [results[name] for name, _ in request.outputs]
+        key = (request.outputs, *[a.shape for a in arrays])
         header = self._answers.get(key)
         if header is None:
             parts, _ = encode_infer(self.model_name, request, results, self._datatypes)
             header = self._remember(self._answers, key, parts[0])
-        return [header, *(a.data.cast("B") for a in arrays)], len(header)
+        return [header, *[a.tobytes() for a in arrays]], len(header)
 
     def _remember(self, cache: dict, key: Any, value: Any) -> Any:
         if len(cache) >= self._LIMIT:

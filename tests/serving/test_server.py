@@ -13,6 +13,7 @@ import tritonclient.http as httpclient
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
+from tests.serving.reliability_helpers import raw_socket, read_responses
 from tests.serving.serving_helpers import CLASSES, ServerProcess, fetch
 
 pytestmark = pytest.mark.timeout(60)
@@ -115,6 +116,32 @@ def test_raw_binary_body(server: ServerProcess, tiny_model: Path) -> None:
     logits_size = header["outputs"][0]["parameters"]["binary_data_size"]
     logits = np.frombuffer(body[size : size + logits_size], np.float32).reshape(1, 4)
     np.testing.assert_allclose(logits, reference(tiny_model, batch)["logits"], rtol=1e-6)
+
+
+def test_one_head_repeated_with_new_tensors_answers_each_tensor(
+    server: ServerProcess, tiny_model: Path
+) -> None:
+    """A client repeating its head byte for byte (taken unparsed) gets each tensor's answer."""
+    entry = {"name": "images", "shape": [2, 3, 8, 8], "datatype": "UINT8"}
+    header = json.dumps(
+        {
+            "inputs": [{**entry, "parameters": {"binary_data_size": 384}}],
+            "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    head = (
+        f"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\n"
+        f"Inference-Header-Content-Length: {len(header)}\r\n"
+        f"Content-Length: {len(header) + 384}\r\n\r\n"
+    ).encode()
+    with raw_socket(server) as sock:
+        for seed in range(6):
+            batch = images(2, seed=100 + seed)
+            sock.sendall(head + header + batch.tobytes())
+            [(status, body)] = read_responses(sock, 1)
+            assert status == 200
+            logits = np.frombuffer(body[-32:], np.float32).reshape(2, 4)
+            np.testing.assert_allclose(logits, reference(tiny_model, batch)["logits"], rtol=1e-6)
 
 
 def test_concurrent_requests_each_get_their_rows(
