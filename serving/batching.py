@@ -18,7 +18,7 @@ import numpy as np
 T = TypeVar("T")
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Pending(Generic[T]):
     """One queued request: ``rows`` batch rows that must come back to ``item``."""
 

@@ -61,7 +61,7 @@ class Request:
         self.body = body
         self.keep_alive = keep_alive
         self._conn = conn
-        self._answer: list[Any] | None = None
+        self._answer: list[bytes] | None = None
 
     def respond(
         self,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -47,8 +47,7 @@ class TensorSpec:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
 
 
-@dataclass(frozen=True)
-class InferRequest:
+class InferRequest(NamedTuple):  # a tuple: built for every request, cheaper than a dataclass
     array: np.ndarray  # the model's one input, batch first
     outputs: tuple[tuple[str, bool], ...]  # (name, binary) in the order to answer
     request_id: str | None = None
@@ -305,15 +304,16 @@ class InferCodec:
     def encode(
         self, request: InferRequest, results: dict[str, np.ndarray]
     ) -> tuple[list[bytes], int | None]:
-        if request.request_id is not None or not all(binary for _, binary in request.outputs):
-            return encode_infer(self.model_name, request, results, self._datatypes)
-        arrays = [results[name] for name, _ in request.outputs]
-        key = (request.outputs, *[a.shape for a in arrays])
-        header = self._answers.get(key)
-        if header is None:
-            parts, _ = encode_infer(self.model_name, request, results, self._datatypes)
-            header = self._remember(self._answers, key, parts[0])
-        return [header, *[a.tobytes() for a in arrays]], len(header)
+        if request.request_id is None:  # an id makes every header differ
+            arrays = [results[name] for name, _ in request.outputs]
+            key = (request.outputs, *[a.shape for a in arrays])
+            header = self._answers.get(key)
+            if header is None and all(binary for _, binary in request.outputs):
+                parts, _ = encode_infer(self.model_name, request, results, self._datatypes)
+                header = self._remember(self._answers, key, parts[0])
+            if header is not None:
+                return [header, *[a.tobytes() for a in arrays]], len(header)
+        return encode_infer(self.model_name, request, results, self._datatypes)
 
     def _remember(self, cache: dict, key: Any, value: Any) -> Any:
         if len(cache) >= self._LIMIT:
