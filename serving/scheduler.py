@@ -37,12 +37,13 @@ class BackendFailure(Exception):
 
 
 class Job:
-    __slots__ = ("array", "done", "pending", "timer", "enqueued")
+    # No link back to its queue entry (that would be a reference cycle, kept until the
+    # garbage collector runs, with the request's body and closure): the timer holds both.
+    __slots__ = ("array", "done", "timer", "enqueued")
 
     def __init__(self, array: np.ndarray, done: Done) -> None:
         self.array = array
         self.done = done
-        self.pending: Pending[Job] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.enqueued = 0.0
 
@@ -90,11 +91,11 @@ class Scheduler:
         job = Job(array, done)
         job.enqueued = now = perf_counter()
         with self._lock:
-            job.pending = self._batches.put(job, len(array), now)
-        if job.pending is None:
+            pending = self._batches.put(job, len(array), now)
+        if pending is None:
             return False
         if timeout_s:
-            job.timer = self._loop.call_later(timeout_s, self._expire, job)
+            job.timer = self._loop.call_later(timeout_s, self._expire, job, pending)
         if not self._wake_scheduled:
             # Deferred to the end of this loop pass: requests read in the same pass share a batch.
             self._wake_scheduled = True
@@ -107,10 +108,9 @@ class Scheduler:
             if self._idle_since is not None:  # a busy worker looks at the queue when it ends
                 self._batch_ready.notify()
 
-    def _expire(self, job: Job) -> None:
-        assert job.pending is not None
+    def _expire(self, job: Job, pending: Pending[Job]) -> None:
         with self._lock:
-            expired = self._batches.discard(job.pending)
+            expired = self._batches.discard(pending)
         if expired:
             waited_ms = (perf_counter() - job.enqueued) * 1e3
             self._deliver(

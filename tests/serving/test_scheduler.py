@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ import pytest
 from serving.backends import load_backend
 from serving.batching import BatchQueue
 from serving.metrics import Metrics
-from serving.scheduler import Scheduler
+from serving.scheduler import Job, Scheduler
 from tests.serving.serving_helpers import build_model
 
 
@@ -61,3 +63,35 @@ def test_the_worker_starts_queued_work_while_the_event_loop_is_busy(slow_backend
     assert backend.starts[1] < unblocked - 0.3, (
         "the second batch waited for the event loop instead of starting when the first ended"
     )
+
+
+async def _answer_twenty(backend, timeout_s: float | None) -> None:
+    loop = asyncio.get_running_loop()
+    scheduler = Scheduler(backend, BatchQueue(4, 0.0), Metrics("tiny", 4, {}), loop)
+    scheduler.start()
+    answered = [loop.create_future() for _ in range(20)]
+    for future in answered:
+        done = lambda outputs, error, future=future: future.set_result(error)  # noqa: E731
+        assert scheduler.submit(np.zeros((1, 3, 8, 8), np.uint8), done, timeout_s)
+    assert await asyncio.wait_for(asyncio.gather(*answered), 10) == [None] * 20
+    scheduler.stop()
+
+
+@pytest.mark.parametrize("timeout_s", [None, 30.0], ids=["no-timeout", "timeout"])
+def test_answered_requests_leave_no_reference_cycles(
+    tiny_model: Path, timeout_s: float | None
+) -> None:
+    """A cycle through a request's job keeps its body and closure until the collector runs."""
+    backend = load_backend(tiny_model, "cpu", 1, None)
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # keep what the collector would free, to look at it
+    try:
+        asyncio.run(_answer_twenty(backend, timeout_s))
+        gc.collect()
+        jobs = sum(isinstance(thing, Job) for thing in gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert jobs == 0, f"{jobs} of 20 answered jobs were only freed by the garbage collector"
