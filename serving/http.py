@@ -2,8 +2,9 @@
 
 No ASGI layer: for a small model the HTTP path decides throughput; measured while
 planning on the target CPU, a lean httptools/uvloop server reached about 7.5k req/s where
-the same app under an ASGI server managed 3.4k. Routing lives
-in serving.app; this module only turns bytes into Requests and Responses back into bytes.
+the same app under an ASGI server managed 3.4k. Routing lives in serving.app; this
+module only turns bytes into Requests and Responses back into bytes, and takes a request
+whose head repeats one it already parsed without parsing it again (see _Head).
 """
 
 from __future__ import annotations

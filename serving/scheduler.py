@@ -37,8 +37,9 @@ class BackendFailure(Exception):
 
 
 class Job:
-    # No link back to its queue entry (that would be a reference cycle, kept until the
-    # garbage collector runs, with the request's body and closure): the timer holds both.
+    # No link to its queue entry, which links to the job: that cycle kept every answered
+    # request (body, closure) until the garbage collector ran. Only the timeout timer holds
+    # both, and cancelling it when the job is answered lets both go.
     __slots__ = ("array", "done", "timer", "enqueued")
 
     def __init__(self, array: np.ndarray, done: Done) -> None:
