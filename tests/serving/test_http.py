@@ -37,12 +37,9 @@ class Recorder(HttpConnection):
         self.parsed = 0
         super().__init__(self._record, max_body=1 << 20, connections=set())
 
-    def _record(self, request: Request) -> None:
-        headers = tuple(sorted(request.headers.items()))
-        self.got.append(
-            Sent(request.method, request.path, request.query, headers, request.body,
-                 request.keep_alive)
-        )  # fmt: skip
+    def _record(self, r: Request) -> None:
+        headers = tuple(sorted(r.headers.items()))
+        self.got.append(Sent(r.method, r.path, r.query, headers, r.body, r.keep_alive))
 
     def on_message_begin(self) -> None:
         self.parsed += 1
