@@ -75,7 +75,7 @@ def main() -> None:
 
     loop = asyncio.new_event_loop()
     metrics = Metrics("seed_cnn", 64, backend.info)
-    scheduler = Scheduler(backend, BatchQueue(64, 0.0001, 1024), metrics, loop)
+    scheduler = Scheduler([backend], BatchQueue(64, 0.0001, 1024), metrics, loop)
     app = App(ServerConfig(engine=model), backend, scheduler, metrics)
     app.state.ready = True
     connections, transports = [], []

@@ -22,8 +22,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +129,21 @@ def ceiling_at(backend, batch: int, seconds: float) -> float:
     return runs * batch / (time.perf_counter() - start)
 
 
+def parallel_ceiling(backends: list, batch: int, seconds: float) -> float:
+    """Images/s of several sessions each calling run in a loop on its own thread (instances)."""
+    rates = [0.0] * len(backends)
+
+    def probe(i: int) -> None:
+        rates[i] = ceiling_at(backends[i], batch, seconds)
+
+    threads = [threading.Thread(target=probe, args=(i,)) for i in range(len(backends))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(rates)
+
+
 def ceiling(model: Path, threads: int, seconds: float = 2.0) -> dict[int, float]:
     """session.run images/s at batch 1, 8, 64, with the session options the server uses."""
     backend = load_onnxruntime(model, "cpu", threads)
@@ -153,7 +170,7 @@ def wait_ready(url: str, timeout: float = 30) -> None:
 
 
 def start_server(
-    model: Path, threads: int, max_batch: int, lean: bool = False
+    model: Path, threads: int, max_batch: int, lean: bool = False, instances: int = 1
 ) -> tuple[subprocess.Popen, str]:
     """The real server, or with ``lean`` the bare reference server in lean_server.py."""
     port = free_port()
@@ -164,7 +181,7 @@ def start_server(
         command = [
             sys.executable, "-m", "serving", "--engine", str(model), "--port", str(port),
             "--threads", str(threads), "--max-batch-size", str(max_batch),
-            "--log-level", "WARNING",
+            "--instances", str(instances), "--log-level", "WARNING",
         ]  # fmt: skip
     proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     url = f"http://127.0.0.1:{port}"
@@ -240,9 +257,11 @@ def run_wrk(url: str, body: tuple[Path, int], connections: int, seconds: float, 
 class Server:
     """A server for one setting, kept up across runs so runs can interleave with others."""
 
-    def __init__(self, model: Path, threads: int, max_batch: int, lean: bool = False) -> None:
+    def __init__(
+        self, model: Path, threads: int, max_batch: int, lean: bool = False, instances: int = 1
+    ) -> None:
         self.threads = threads
-        self.proc, self.url = start_server(model, threads, max_batch, lean)
+        self.proc, self.url = start_server(model, threads, max_batch, lean, instances)
 
     def load(self, body: tuple[Path, int], rows: int, connections: int, seconds: float) -> dict:
         r = run_wrk(self.url, body, connections, seconds, self.proc.pid)
@@ -258,16 +277,25 @@ def median_of(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
-def bracketed(backend, run) -> dict:
-    """One server run with the batch-64 ceiling measured just before and just after it.
+def bracketed(run: Callable[[], dict], probes: dict[str, Callable[[], float]]) -> dict:
+    """One server run with each ceiling probe measured just before and just after it.
 
     The machine is shared: the ceiling moved by up to 30 % between runs a minute apart,
-    so each run is compared with the mean of its own two neighbours.
+    so each run is compared with the mean of its own two neighbours. Adds
+    ``ceiling_<name>`` and ``ratio_<name>`` (server img/s over that ceiling) per probe.
     """
-    before = ceiling_at(backend, 64, 1.5)
+    before = {name: probe() for name, probe in probes.items()}
     result = run()
-    ceiling_64 = (before + ceiling_at(backend, 64, 1.5)) / 2
-    return {**result, "ceiling_64": ceiling_64, "ratio": result["img_s"] / ceiling_64}
+    figures = dict(result)
+    for name, probe in probes.items():
+        figures[f"ceiling_{name}"] = (before[name] + probe()) / 2
+        figures[f"ratio_{name}"] = result["img_s"] / figures[f"ceiling_{name}"]
+    return figures
+
+
+def batch64(backend) -> dict[str, Callable[[], float]]:
+    """The probe every server figure is set against: session.run at batch 64, 1.5 s."""
+    return {"64": lambda: ceiling_at(backend, 64, 1.5)}
 
 
 def throughput(model: Path, folder: Path, threads: int, rows: int, connections: int, args) -> dict:
@@ -278,7 +306,7 @@ def throughput(model: Path, folder: Path, threads: int, rows: int, connections: 
     try:
         server.load(body, rows, connections, 1)  # warm connections and caches
         runs = [
-            bracketed(backend, lambda: server.load(body, rows, connections, args.duration))
+            bracketed(lambda: server.load(body, rows, connections, args.duration), batch64(backend))
             for _ in range(args.runs)
         ]
         rss = peak_rss_mb(server.proc.pid)
@@ -290,7 +318,7 @@ def throughput(model: Path, folder: Path, threads: int, rows: int, connections: 
         "connections": connections,
         "img_s": median_of(runs, "img_s"),
         "ceiling_64": median_of(runs, "ceiling_64"),
-        "ratio": median_of(runs, "ratio"),
+        "ratio": median_of(runs, "ratio_64"),
         "p50_ms": median_of(runs, "p50_ms"),
         "p99_ms": median_of(runs, "p99_ms"),
         "cpu_us": median_of(runs, "cpu_us"),
@@ -327,7 +355,7 @@ def versus_lean(model: Path, folder: Path, rows: int, connections: int, args) ->
     backend = load_onnxruntime(model, "cpu", 2)
     servers = (Server(model, 2, 64), Server(model, 2, 64, lean=True))
     pairs = alternating(
-        servers, folder, rows, connections, args, lambda run: bracketed(backend, run)
+        servers, folder, rows, connections, args, lambda run: bracketed(run, batch64(backend))
     )
     return {
         "rows": rows,
@@ -335,9 +363,42 @@ def versus_lean(model: Path, folder: Path, rows: int, connections: int, args) ->
         **{
             f"{who}_{key}": statistics.median(pair[i][key] for pair in pairs)
             for i, who in enumerate(("real", "lean"))
-            for key in ("img_s", "ratio", "p99_ms", "cpu_us")
+            for key in ("img_s", "ratio_64", "p99_ms", "cpu_us")
         },
         "real_over_lean": statistics.median(a["img_s"] / b["img_s"] for a, b in pairs),
+        "errors": sum(r["non2xx"] + r["socket_errors"] for pair in pairs for r in pair),
+    }
+
+
+def versus_instances(model: Path, folder: Path, rows: int, connections: int, args) -> dict:
+    """1 instance of 2 threads against 2 instances of 1 thread, alternating runs.
+
+    Each run is bracketed by two ceilings: session.run with 2 intra-op threads (the one
+    every other figure uses) and two 1-thread sessions running at once (the same layout
+    as the 2 instances, so the fair ceiling for them).
+    """
+    one = load_onnxruntime(model, "cpu", 2)
+    two = [load_onnxruntime(model, "cpu", 1) for _ in range(2)]
+    probes = {
+        "1x2": lambda: ceiling_at(one, 64, 1.5),
+        "2x1": lambda: parallel_ceiling(two, 64, 1.5),
+    }
+    servers = (Server(model, 2, 64), Server(model, 1, 64, instances=2))
+    pairs = alternating(
+        servers, folder, rows, connections, args, lambda run: bracketed(run, probes)
+    )
+    figures = {
+        f"{who}_{key}": statistics.median(pair[i][key] for pair in pairs)
+        for i, who in enumerate(("1x2", "2x1"))
+        for key in ("img_s", "p99_ms", "ratio_1x2", "ratio_2x1")
+    }
+    return {
+        "rows": rows,
+        "connections": connections,
+        **figures,
+        "ceiling_1x2": statistics.median(r["ceiling_1x2"] for pair in pairs for r in pair),
+        "ceiling_2x1": statistics.median(r["ceiling_2x1"] for pair in pairs for r in pair),
+        "two_over_one": statistics.median(b["img_s"] / a["img_s"] for a, b in pairs),
         "errors": sum(r["non2xx"] + r["socket_errors"] for pair in pairs for r in pair),
     }
 
@@ -394,6 +455,11 @@ LEAN_COLUMNS = (
     "images/request", "connections", "img/s", "ratio", "p99 ms", "CPU µs/img", "lean img/s",
     "lean ratio", "lean p99 ms", "lean CPU µs/img", "server / lean", "errors",
 )  # fmt: skip
+INSTANCE_COLUMNS = (
+    "images/request", "connections", "1×2 img/s", "2×1 img/s", "2×1 / 1×2", "ceiling 1×2",
+    "ceiling 2×1", "1×2 ratio", "2×1 ratio vs 1×2 ceiling", "2×1 ratio vs 2×1 ceiling",
+    "1×2 p99 ms", "2×1 p99 ms", "errors",
+)  # fmt: skip
 ON_OFF_COLUMNS = (
     "connections", "p50 on ms", "p50 off ms", "p50 on/off", "p99 on ms", "p99 off ms",
     "img/s on", "img/s off", "errors",
@@ -424,9 +490,19 @@ def print_report(results: dict) -> None:
     keys += ("cpu_us", "errors", "rss_mb")
     print(table(THROUGHPUT_COLUMNS, [[r[k] for k in keys] for r in results["throughput"]]))
     print("\n2 threads: the server against lean_server.py (no validation, no metrics)\n")
-    keys = ("rows", "connections", "real_img_s", "real_ratio", "real_p99_ms", "real_cpu_us")
-    keys += ("lean_img_s", "lean_ratio", "lean_p99_ms", "lean_cpu_us", "real_over_lean", "errors")
+    keys = ("rows", "connections", "real_img_s", "real_ratio_64", "real_p99_ms", "real_cpu_us")
+    keys += ("lean_img_s", "lean_ratio_64", "lean_p99_ms", "lean_cpu_us", "real_over_lean")
+    keys += ("errors",)
     print(table(LEAN_COLUMNS, [[r[k] for k in keys] for r in results["lean"]]))
+    print(
+        "\n1 instance of 2 threads against 2 instances of 1 thread (--instances 2), alternating"
+        " runs; ratios against the 2-thread session.run ceiling and against two 1-thread"
+        " sessions at once\n"
+    )
+    keys = ("rows", "connections", "1x2_img_s", "2x1_img_s", "two_over_one", "ceiling_1x2")
+    keys += ("ceiling_2x1", "1x2_ratio_1x2", "2x1_ratio_1x2", "2x1_ratio_2x1", "1x2_p99_ms")
+    keys += ("2x1_p99_ms", "errors")
+    print(table(INSTANCE_COLUMNS, [[r[k] for k in keys] for r in results["instances"]]))
     print("\nbatching on (max batch 64) vs off (max batch 1), single images, 2 threads\n")
     keys = ("connections", "on_p50_ms", "off_p50_ms", "p50_ratio", "on_p99_ms", "off_p99_ms")
     keys += ("on_img_s", "off_img_s", "errors")
@@ -453,6 +529,9 @@ def main() -> None:
             for threads, rows, connections in [(1, 64, 4), (2, 64, 4), (1, 1, 64), (2, 1, 64)]
         ],
         "lean": [versus_lean(model, folder, rows, c, args) for rows, c in [(1, 64), (64, 4)]],
+        "instances": [
+            versus_instances(model, folder, rows, c, args) for rows, c in [(64, 4), (1, 64)]
+        ],
         "on_off": [batching_on_off(model, folder, c, args) for c in (1, 16, 64)],
     }
     print_report(results)

@@ -25,7 +25,8 @@ class ServerConfig:
     max_queue_size: int = 1024  # requests; 0 = unbounded
     timeout_ms: int = 0  # queue timeout; 0 = none (a request may still set its own)
     provider: str = "cpu"
-    threads: int = 0  # onnxruntime intra-op threads; 0 = one per core
+    threads: int = 0  # onnxruntime intra-op threads per instance; 0 = one per core in all
+    instances: int = 1  # model instances (sessions), each with its own worker thread
     warmup: bool = True
     max_request_bytes: int = 64 * 1024 * 1024
     grace_s: float = 30.0
@@ -46,7 +47,7 @@ class ServerConfig:
             )
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key must not be empty; leave it unset to turn auth off")
-        for name in ("max_batch_size", "max_request_bytes", "max_header_bytes"):
+        for name in ("max_batch_size", "max_request_bytes", "max_header_bytes", "instances"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         for name in (

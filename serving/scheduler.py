@@ -1,11 +1,11 @@
-"""Runs batches off the event loop: the BatchQueue policy, one worker thread, timers.
+"""Runs batches off the event loop: the BatchQueue policy, worker threads, timers.
 
-The event loop parses requests, queues them and writes answers; the worker thread
-concatenates, calls the backend (onnxruntime releases the GIL) and takes its own next
-batch when the last one ends, so starting a batch never waits for the event loop to be
-scheduled. The event loop only wakes an idle worker, at the end of the pass that queued a
-request, so requests read in one pass share a batch. The queue is shared: every
-BatchQueue call holds ``_lock``, and the worker holds it to take a batch, never to run one.
+The event loop parses requests, queues them and writes answers; each model instance has a
+worker thread that concatenates, calls its backend (onnxruntime releases the GIL) and takes
+its own next batch when the last one ends, so starting a batch never waits for the event
+loop to be scheduled. The event loop only wakes an idle worker, at the end of the pass that
+queued a request, so requests read in one pass share a batch. The queue is shared: every
+BatchQueue call holds ``_lock``, and a worker holds it to take a batch, never to run one.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from time import perf_counter
 
 import numpy as np
@@ -52,31 +52,39 @@ class Job:
 class Scheduler:
     def __init__(
         self,
-        backend: Backend,
+        backends: Sequence[Backend],
         batches: BatchQueue[Job],
         metrics: Metrics,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
-        self.backend = backend
+        """One worker thread per backend (model instance), all taking from ``batches``."""
+        if not backends:
+            raise ValueError("a scheduler needs at least one backend")
         self.metrics = metrics
         self._batches = batches
         self._loop = loop
         self._lock = threading.Lock()
-        self._batch_ready = threading.Condition(self._lock)  # the loop wakes an idle worker
-        # Guarded by _lock: when the worker last went idle (None while it runs a batch).
-        self._idle_since: float | None = float("-inf")
+        self._batch_ready = threading.Condition(self._lock)  # wakes an idle worker
+        self._idle_workers = 0  # guarded by _lock: workers waiting in _next_batch
         self._stopping = False
         self._wake_scheduled = False  # event loop thread only
-        self._thread = threading.Thread(target=self._worker, name="batch-worker", daemon=True)
+        self._threads = [
+            threading.Thread(
+                target=self._worker, args=(backend,), name=f"batch-worker-{i}", daemon=True
+            )
+            for i, backend in enumerate(backends)
+        ]
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
         with self._lock:
             self._stopping = True
-            self._batch_ready.notify()
-        self._thread.join(timeout=5)
+            self._batch_ready.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=5)
 
     @property
     def queued(self) -> int:
@@ -85,7 +93,7 @@ class Scheduler:
     @property
     def idle(self) -> bool:
         with self._lock:
-            return self._idle_since is not None and not self._batches
+            return self._idle_workers == len(self._threads) and not self._batches
 
     def submit(self, array: np.ndarray, done: Done, timeout_s: float | None) -> bool:
         """Queue one request; False if the queue is full. ``done`` is called exactly once."""
@@ -106,7 +114,7 @@ class Scheduler:
     def _wake_worker(self) -> None:
         self._wake_scheduled = False
         with self._lock:
-            if self._idle_since is not None:  # a busy worker looks at the queue when it ends
+            if self._idle_workers:  # a busy worker looks at the queue when it ends
                 self._batch_ready.notify()
 
     def _expire(self, job: Job, pending: Pending[Job]) -> None:
@@ -120,32 +128,40 @@ class Scheduler:
                 QueueTimeout(f"request timeout expired after {waited_ms:.0f} ms in the queue"),
             )
 
-    def _next_batch(self) -> list[Job] | None:
-        """Block until a batch should start (BatchQueue decides) and take it; None: stop."""
+    def _next_batch(self, idle_since: float) -> list[Job] | None:
+        """Block until a batch should start (BatchQueue decides) and take it; None: stop.
+
+        ``idle_since`` is when this worker went idle: a request that came after it goes
+        at once, without waiting for company.
+        """
         with self._lock:
-            if self._idle_since is None:  # a batch just ended
-                self._idle_since = perf_counter()
+            self._idle_workers += 1
             while not self._stopping:
                 now = perf_counter()
-                if self._batches.ready(now, self._idle_since):
-                    self._idle_since = None
-                    return self._batches.take()
+                if self._batches.ready(now, idle_since):
+                    self._idle_workers -= 1
+                    jobs = self._batches.take()
+                    if self._batches and self._idle_workers:
+                        self._batch_ready.notify()  # more than one batch is waiting
+                    return jobs
                 wake_at = self._batches.wake_at()
                 self._batch_ready.wait(None if wake_at is None else max(0.0, wake_at - now))
             return None
 
-    def _worker(self) -> None:
-        while (jobs := self._next_batch()) is not None:
+    def _worker(self, backend: Backend) -> None:
+        idle_since = float("-inf")
+        while (jobs := self._next_batch(idle_since)) is not None:
             started = perf_counter()
             try:
                 batch = merge([job.array for job in jobs])
-                outputs = split(self.backend.run(batch), [len(job.array) for job in jobs])
+                outputs = split(backend.run(batch), [len(job.array) for job in jobs])
                 error = None
             except Exception as exc:  # any backend failure fails this batch, not the server
                 log.exception("backend failed on a batch of %d requests", len(jobs))
                 outputs, error = None, BackendFailure(f"backend error: {exc}")
+            idle_since = perf_counter()
             self._loop.call_soon_threadsafe(
-                self._finished, jobs, outputs, error, started, perf_counter()
+                self._finished, jobs, outputs, error, started, idle_since
             )
 
     def _finished(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 from time import perf_counter
 
@@ -44,14 +45,27 @@ def warm(backend: Backend, sizes: list[int]) -> None:
         backend.run(np.zeros((size, *spec.shape[1:]), dtype=np.uint8))
 
 
-def load(config: ServerConfig) -> Backend:
-    backend = load_backend(config.engine, config.provider, config.threads, config.trt_cache_dir)
-    if backend.max_batch is not None and config.max_batch_size > backend.max_batch:
+def instance_threads(config: ServerConfig) -> int:
+    """Intra-op threads per instance; 0 (onnxruntime's one per core) only for one instance."""
+    if config.threads or config.instances == 1:
+        return config.threads
+    return max(1, len(os.sched_getaffinity(0)) // config.instances)
+
+
+def load(config: ServerConfig) -> list[Backend]:
+    """One backend per model instance; EngineError (one line) if the engine can't be served."""
+    threads = instance_threads(config)
+    backends = [
+        load_backend(config.engine, config.provider, threads, config.trt_cache_dir)
+        for _ in range(config.instances)
+    ]
+    max_batch = backends[0].max_batch
+    if max_batch is not None and config.max_batch_size > max_batch:
         raise EngineError(
-            f"{config.engine} accepts batches up to {backend.max_batch}; "
+            f"{config.engine} accepts batches up to {max_batch}; "
             f"lower --max-batch-size from {config.max_batch_size}"
         )
-    return backend
+    return backends
 
 
 async def _drain(app: App, grace_s: float) -> bool:
@@ -70,14 +84,17 @@ async def _sweep_idle(connections: set[HttpConnection], timeout_s: float) -> Non
         expire_idle(connections, timeout_s)
 
 
-async def run_server(config: ServerConfig, backend: Backend, started: float) -> int:
+async def run_server(config: ServerConfig, backends: list[Backend], started: float) -> int:
     loop = asyncio.get_running_loop()
+    backend = backends[0]  # the instances are alike: any one describes the model
     name = config.model_name or backend.contract.model_name
-    metrics = Metrics(name, config.max_batch_size, backend.info)
+    metrics = Metrics(
+        name, config.max_batch_size, {**backend.info, "instances": str(len(backends))}
+    )
     batches = BatchQueue(
         config.max_batch_size, config.max_queue_delay_us / 1e6, config.max_queue_size
     )
-    scheduler = Scheduler(backend, batches, metrics, loop)
+    scheduler = Scheduler(backends, batches, metrics, loop)
     app = App(config, backend, scheduler, metrics)
     connections: set[HttpConnection] = set()
     server = await loop.create_server(
@@ -89,12 +106,13 @@ async def run_server(config: ServerConfig, backend: Backend, started: float) -> 
     )
     host, port = server.sockets[0].getsockname()[:2]
     log.info(
-        "listening on http://%s:%d (model %s, %s on %s)",
+        "listening on http://%s:%d (model %s, %s on %s, %d instance(s))",
         host,
         port,
         name,
         backend.info["backend"],
         backend.info["provider"],
+        len(backends),
     )
     timeout = config.idle_timeout_s
     sweeper = loop.create_task(_sweep_idle(connections, timeout)) if timeout else None
@@ -102,7 +120,8 @@ async def run_server(config: ServerConfig, backend: Backend, started: float) -> 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if config.warmup:
-        await loop.run_in_executor(None, warm, backend, warmup_sizes(config.max_batch_size))
+        sizes = warmup_sizes(config.max_batch_size)
+        await asyncio.gather(*(loop.run_in_executor(None, warm, b, sizes) for b in backends))
     scheduler.start()
     # Start-up leaves tens of thousands of long-lived objects (numpy, onnxruntime, the
     # CLI); every full collection walked them all, stalling the event loop for about 5 ms.
@@ -130,9 +149,9 @@ async def run_server(config: ServerConfig, backend: Backend, started: float) -> 
 def serve(config: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT; EngineError (one line) if the engine can't be served."""
     started = perf_counter()
-    backend = load(config)
+    backends = load(config)
     try:
         import uvloop
     except ImportError:  # Windows, or a minimal install: asyncio's loop works, slower
-        return asyncio.run(run_server(config, backend, started))
-    return uvloop.run(run_server(config, backend, started))
+        return asyncio.run(run_server(config, backends, started))
+    return uvloop.run(run_server(config, backends, started))

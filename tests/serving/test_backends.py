@@ -1,15 +1,18 @@
-"""onnxruntime backend: contract read from metadata, loud provider fallback, warm-up sizes."""
+"""onnxruntime backend: contract read from metadata, loud provider fallback, warm-up sizes,
+threads per instance."""
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from serving.backends import load_onnxruntime
-from serving.server import warmup_sizes
+from serving.config import ServerConfig
+from serving.server import instance_threads, warmup_sizes
 
 
 def test_reads_contract_and_io(tiny_model: Path) -> None:
@@ -35,6 +38,14 @@ def test_warmup_covers_the_ends_first() -> None:
     assert warmup_sizes(64) == [1, 64, 2, 4, 8, 16, 32]
     assert warmup_sizes(1) == [1]
     assert warmup_sizes(6) == [1, 6, 2, 4]
+
+
+def test_instances_share_the_cores_unless_threads_are_set(tiny_model: Path) -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert instance_threads(ServerConfig(tiny_model)) == 0  # onnxruntime's own default
+    assert instance_threads(ServerConfig(tiny_model, instances=2)) == max(1, cores // 2)
+    assert instance_threads(ServerConfig(tiny_model, instances=4 * cores)) == 1
+    assert instance_threads(ServerConfig(tiny_model, threads=3, instances=2)) == 3
 
 
 def test_tensorrt_provider_caches_engines_where_told() -> None:

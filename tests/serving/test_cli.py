@@ -21,7 +21,7 @@ def test_help_lists_every_flag_with_its_env_var() -> None:
     result = runner.invoke(app, ["--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     flags = "engine model-name host port max-batch-size max-queue-delay-us max-queue-size "
-    flags += "timeout-ms provider threads warmup no-warmup"
+    flags += "timeout-ms provider threads instances warmup no-warmup"
     for flag in flags.split():
         assert f"--{flag}" in result.output
     assert "TENSORFERRY_PORT" in result.output
@@ -72,9 +72,11 @@ def test_bad_engine_stops_start_up_with_one_line(tmp_path: Path, make, needle: s
     )
 
 
-def test_bad_settings_are_refused(tmp_path: Path, tiny_model: Path) -> None:
-    result = runner.invoke(app, ["--engine", str(tiny_model), "--max-batch-size", "0"])
-    assert result.exit_code == 2 and "max_batch_size must be at least 1" in result.output
+@pytest.mark.parametrize("flag", ["--max-batch-size", "--instances"])
+def test_bad_settings_are_refused(tiny_model: Path, flag: str) -> None:
+    result = runner.invoke(app, ["--engine", str(tiny_model), flag, "0"])
+    setting = flag.removeprefix("--").replace("-", "_")
+    assert result.exit_code == 2 and f"{setting} must be at least 1" in result.output
 
 
 @pytest.mark.slow

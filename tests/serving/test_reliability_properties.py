@@ -64,7 +64,7 @@ def reference(tiny_model: Path):
 async def _run_mix(backend, rows: list[int], max_batch: int) -> list:
     loop = asyncio.get_running_loop()
     metrics = Metrics("tiny", max_batch, backend.info)
-    scheduler = Scheduler(backend, BatchQueue(max_batch, 0.0005), metrics, loop)
+    scheduler = Scheduler([backend], BatchQueue(max_batch, 0.0005), metrics, loop)
     scheduler.start()
     rng = np.random.default_rng(len(rows))
     arrays = [rng.integers(0, 256, (n, 3, 8, 8), dtype=np.uint8) for n in rows]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 import time
 from pathlib import Path
 
@@ -38,7 +39,7 @@ class StartTimes:
 
 async def _queue_behind_a_running_batch_then_block_the_loop(backend: StartTimes) -> float:
     loop = asyncio.get_running_loop()
-    scheduler = Scheduler(backend, BatchQueue(1, 0.0), Metrics("slow", 1, {}), loop)
+    scheduler = Scheduler([backend], BatchQueue(1, 0.0), Metrics("slow", 1, {}), loop)
     scheduler.start()
     answered: list[asyncio.Future] = [loop.create_future() for _ in range(2)]
     image = np.zeros((1, 3, 8, 8), np.uint8)
@@ -67,7 +68,7 @@ def test_the_worker_starts_queued_work_while_the_event_loop_is_busy(slow_backend
 
 async def _answer_twenty(backend, timeout_s: float | None) -> None:
     loop = asyncio.get_running_loop()
-    scheduler = Scheduler(backend, BatchQueue(4, 0.0), Metrics("tiny", 4, {}), loop)
+    scheduler = Scheduler([backend], BatchQueue(4, 0.0), Metrics("tiny", 4, {}), loop)
     scheduler.start()
     answered = [loop.create_future() for _ in range(20)]
     for future in answered:
@@ -95,3 +96,46 @@ def test_answered_requests_leave_no_reference_cycles(
         gc.garbage.clear()
         gc.enable()
     assert jobs == 0, f"{jobs} of 20 answered jobs were only freed by the garbage collector"
+
+
+class HeldInside:
+    """The real backend; each run waits at ``inside`` (with the test), then for ``release``."""
+
+    def __init__(self, backend, inside: threading.Barrier, release: threading.Event) -> None:
+        self.backend = backend
+        self.inside = inside
+        self.release = release
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        self.inside.wait()  # BrokenBarrierError if the other instance is not running too
+        self.release.wait(10)
+        return self.backend.run(batch)
+
+
+async def _two_batches_at_once(backends: list[HeldInside]) -> None:
+    loop = asyncio.get_running_loop()
+    scheduler = Scheduler(backends, BatchQueue(1, 0.0), Metrics("tiny", 1, {}), loop)
+    scheduler.start()
+    answered = [loop.create_future() for _ in range(2)]
+    for future in answered:
+        done = lambda outputs, error, future=future: future.set_result(error)  # noqa: E731
+        assert scheduler.submit(np.zeros((1, 3, 8, 8), np.uint8), done, None)
+    # One row per batch: the two requests are two batches, and both must be running now.
+    await loop.run_in_executor(None, backends[0].inside.wait)
+    assert not scheduler.idle
+    backends[0].release.set()
+    assert await asyncio.wait_for(asyncio.gather(*answered), 10) == [None, None]
+    for _ in range(200):  # a worker counts itself idle just after its answers are queued
+        if scheduler.idle:
+            break
+        await asyncio.sleep(0.005)
+    assert scheduler.idle
+    scheduler.stop()
+
+
+def test_instances_run_their_batches_at_the_same_time(tiny_model: Path) -> None:
+    inside, release = threading.Barrier(3, timeout=10), threading.Event()
+    backends = [
+        HeldInside(load_backend(tiny_model, "cpu", 1, None), inside, release) for _ in range(2)
+    ]
+    asyncio.run(_two_batches_at_once(backends))

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from tests.serving.reliability_helpers import raw_socket, read_responses
-from tests.serving.serving_helpers import CLASSES, ServerProcess, fetch
+from tests.serving.serving_helpers import CLASSES, ServerProcess, fetch, start_server
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -159,6 +159,25 @@ def test_concurrent_requests_each_get_their_rows(
     results = [request.get_result().as_numpy("probabilities") for request in pending]
     for batch, got in zip(batches, results, strict=True):
         np.testing.assert_allclose(got, reference(tiny_model, batch)["probabilities"], rtol=1e-6)
+
+
+def test_two_instances_answer_each_request_with_its_rows(tiny_model: Path) -> None:
+    two = start_server(tiny_model, "--instances", "2", "--threads", "1", "--max-batch-size", "4")
+    try:
+        client = httpclient.InferenceServerClient(two.host_port, concurrency=8)
+        batches = [images(1 + i % 4, seed=200 + i) for i in range(32)]
+        pending = []
+        for batch in batches:
+            infer_input = httpclient.InferInput("images", list(batch.shape), "UINT8")
+            infer_input.set_data_from_numpy(batch)
+            pending.append(client.async_infer("tiny", [infer_input]))
+        for batch, request in zip(batches, pending, strict=True):
+            got = request.get_result().as_numpy("logits")
+            np.testing.assert_allclose(got, reference(tiny_model, batch)["logits"], rtol=1e-6)
+        info = [labels for (name, labels) in metrics(two) if name == "tensorferry_model_info"]
+        assert dict(info[0])["instances"] == "2"
+    finally:
+        assert two.terminate() == 0, "\n".join(two.log)
 
 
 # Bad input: each a 4xx naming the problem, through the real client where it can send it
