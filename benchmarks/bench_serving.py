@@ -322,7 +322,7 @@ def throughput(model: Path, folder: Path, threads: int, rows: int, connections: 
         "p50_ms": median_of(runs, "p50_ms"),
         "p99_ms": median_of(runs, "p99_ms"),
         "cpu_us": median_of(runs, "cpu_us"),
-        "errors": sum(r["non2xx"] + r["socket_errors"] for r in runs),
+        "errors": errors(runs),
         "rss_mb": rss,
     }
 
@@ -350,6 +350,19 @@ def alternating(
             stop_server(server.proc)
 
 
+def pair_medians(pairs: list[tuple[dict, dict]], names: tuple[str, str], keys) -> dict:
+    """``<name>_<key>``: the median over the runs of each of the two servers' figure."""
+    return {
+        f"{name}_{key}": statistics.median(pair[i][key] for pair in pairs)
+        for i, name in enumerate(names)
+        for key in keys
+    }
+
+
+def errors(runs) -> int:
+    return sum(r["non2xx"] + r["socket_errors"] for r in runs)
+
+
 def versus_lean(model: Path, folder: Path, rows: int, connections: int, args) -> dict:
     """The real server and lean_server.py, 2 threads, alternating runs, each bracketed."""
     backend = load_onnxruntime(model, "cpu", 2)
@@ -360,13 +373,9 @@ def versus_lean(model: Path, folder: Path, rows: int, connections: int, args) ->
     return {
         "rows": rows,
         "connections": connections,
-        **{
-            f"{who}_{key}": statistics.median(pair[i][key] for pair in pairs)
-            for i, who in enumerate(("real", "lean"))
-            for key in ("img_s", "ratio_64", "p99_ms", "cpu_us")
-        },
+        **pair_medians(pairs, ("real", "lean"), ("img_s", "ratio_64", "p99_ms", "cpu_us")),
         "real_over_lean": statistics.median(a["img_s"] / b["img_s"] for a, b in pairs),
-        "errors": sum(r["non2xx"] + r["socket_errors"] for pair in pairs for r in pair),
+        "errors": errors(r for pair in pairs for r in pair),
     }
 
 
@@ -387,19 +396,14 @@ def versus_instances(model: Path, folder: Path, rows: int, connections: int, arg
     pairs = alternating(
         servers, folder, rows, connections, args, lambda run: bracketed(run, probes)
     )
-    figures = {
-        f"{who}_{key}": statistics.median(pair[i][key] for pair in pairs)
-        for i, who in enumerate(("1x2", "2x1"))
-        for key in ("img_s", "p99_ms", "ratio_1x2", "ratio_2x1")
-    }
     return {
         "rows": rows,
         "connections": connections,
-        **figures,
+        **pair_medians(pairs, ("1x2", "2x1"), ("img_s", "p99_ms", "ratio_1x2", "ratio_2x1")),
         "ceiling_1x2": statistics.median(r["ceiling_1x2"] for pair in pairs for r in pair),
         "ceiling_2x1": statistics.median(r["ceiling_2x1"] for pair in pairs for r in pair),
         "two_over_one": statistics.median(b["img_s"] / a["img_s"] for a, b in pairs),
-        "errors": sum(r["non2xx"] + r["socket_errors"] for pair in pairs for r in pair),
+        "errors": errors(r for pair in pairs for r in pair),
     }
 
 
@@ -409,16 +413,9 @@ def batching_on_off(model: Path, folder: Path, connections: int, args) -> dict:
     pairs = alternating(servers, folder, 1, connections, args, lambda run: run())
     return {
         "connections": connections,
-        "on_p50_ms": statistics.median(a["p50_ms"] for a, _ in pairs),
-        "off_p50_ms": statistics.median(b["p50_ms"] for _, b in pairs),
+        **pair_medians(pairs, ("on", "off"), ("p50_ms", "p99_ms", "img_s")),
         "p50_ratio": statistics.median(a["p50_ms"] / b["p50_ms"] for a, b in pairs),
-        "on_p99_ms": statistics.median(a["p99_ms"] for a, _ in pairs),
-        "off_p99_ms": statistics.median(b["p99_ms"] for _, b in pairs),
-        "on_img_s": statistics.median(a["img_s"] for a, _ in pairs),
-        "off_img_s": statistics.median(b["img_s"] for _, b in pairs),
-        "errors": sum(
-            a["non2xx"] + b["non2xx"] + a["socket_errors"] + b["socket_errors"] for a, b in pairs
-        ),
+        "errors": errors(r for pair in pairs for r in pair),
     }
 
 

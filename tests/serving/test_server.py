@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +24,13 @@ def images(batch: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (batch, 3, 8, 8), dtype=np.uint8)
 
 
+@lru_cache
+def _session(model: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+
+
 def reference(model: Path, batch: np.ndarray) -> dict[str, np.ndarray]:
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    logits, probabilities = session.run(["logits", "probabilities"], {"images": batch})
+    logits, probabilities = _session(model).run(["logits", "probabilities"], {"images": batch})
     return {"logits": logits, "probabilities": probabilities}
 
 
@@ -144,10 +149,10 @@ def test_one_head_repeated_with_new_tensors_answers_each_tensor(
             np.testing.assert_allclose(logits, reference(tiny_model, batch)["logits"], rtol=1e-6)
 
 
-def test_concurrent_requests_each_get_their_rows(
-    client: httpclient.InferenceServerClient, tiny_model: Path
+def _assert_concurrent_rows(
+    client: httpclient.InferenceServerClient, model: Path, batches: list[np.ndarray]
 ) -> None:
-    batches = [images(1 + i % 3, seed=100 + i) for i in range(24)]
+    """Send every batch before reading any answer; each must get exactly its own rows."""
 
     def send(batch: np.ndarray) -> httpclient.InferAsyncRequest:
         infer_input = httpclient.InferInput("images", list(batch.shape), "UINT8")
@@ -156,24 +161,28 @@ def test_concurrent_requests_each_get_their_rows(
 
     # tritonclient.http is gevent-based: concurrency comes from async_infer, not threads.
     pending = [send(batch) for batch in batches]
-    results = [request.get_result().as_numpy("probabilities") for request in pending]
-    for batch, got in zip(batches, results, strict=True):
-        np.testing.assert_allclose(got, reference(tiny_model, batch)["probabilities"], rtol=1e-6)
+    for batch, request in zip(batches, pending, strict=True):
+        expected = reference(model, batch)
+        result = request.get_result()
+        for name in ("logits", "probabilities"):
+            np.testing.assert_allclose(result.as_numpy(name), expected[name], rtol=1e-6)
+
+
+def test_concurrent_requests_each_get_their_rows(
+    client: httpclient.InferenceServerClient, tiny_model: Path
+) -> None:
+    _assert_concurrent_rows(
+        client, tiny_model, [images(1 + i % 3, seed=100 + i) for i in range(24)]
+    )
 
 
 def test_two_instances_answer_each_request_with_its_rows(tiny_model: Path) -> None:
     two = start_server(tiny_model, "--instances", "2", "--threads", "1", "--max-batch-size", "4")
     try:
         client = httpclient.InferenceServerClient(two.host_port, concurrency=8)
-        batches = [images(1 + i % 4, seed=200 + i) for i in range(32)]
-        pending = []
-        for batch in batches:
-            infer_input = httpclient.InferInput("images", list(batch.shape), "UINT8")
-            infer_input.set_data_from_numpy(batch)
-            pending.append(client.async_infer("tiny", [infer_input]))
-        for batch, request in zip(batches, pending, strict=True):
-            got = request.get_result().as_numpy("logits")
-            np.testing.assert_allclose(got, reference(tiny_model, batch)["logits"], rtol=1e-6)
+        _assert_concurrent_rows(
+            client, tiny_model, [images(1 + i % 4, seed=200 + i) for i in range(32)]
+        )
         info = [labels for (name, labels) in metrics(two) if name == "tensorferry_model_info"]
         assert dict(info[0])["instances"] == "2"
     finally:
