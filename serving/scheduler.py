@@ -140,7 +140,7 @@ class Scheduler:
                 now = perf_counter()
                 if self._batches.ready(now, idle_since):
                     self._idle_workers -= 1
-                    jobs = self._batches.take()
+                    jobs = self._batches.take(len(self._threads))
                     if self._batches and self._idle_workers:
                         self._batch_ready.notify()  # more than one batch is waiting
                     return jobs

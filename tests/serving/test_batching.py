@@ -54,6 +54,21 @@ def test_take_keeps_order_and_never_splits_a_request() -> None:
     assert queue.take() == []
 
 
+def test_with_several_instances_a_batch_takes_an_even_share_of_the_queue() -> None:
+    queue = queue_of(*[1] * 9, max_batch=8)
+    assert queue.take(instances=2) == ["r0", "r1", "r2", "r3", "r4"]  # ceil(9 / 2) rows
+    assert queue.take(instances=2) == ["r5", "r6"]
+    assert queue.take(instances=2) == ["r7"]
+    assert queue.take(instances=2) == ["r8"]
+
+
+def test_a_request_larger_than_the_share_still_goes_whole_and_alone() -> None:
+    queue = queue_of(6, 1, 1, max_batch=8)
+    assert queue.take(instances=2) == ["r0"]  # 6 rows > ceil(8 / 2): alone, never split
+    assert queue.take(instances=2) == ["r1"]
+    assert queue.take(instances=3) == ["r2"]
+
+
 def test_zero_delay_always_ready_when_idle() -> None:
     queue = queue_of(1, delay=0.0, at=3.0)
     assert queue.ready(now=3.0, idle_since=4.0)
@@ -91,16 +106,24 @@ def test_rejects_impossible_row_counts() -> None:
     rows=st.lists(st.integers(1, 16), min_size=1, max_size=60),
     max_batch=st.integers(16, 64),
     cancel=st.sets(st.integers(0, 59)),
+    instances=st.integers(1, 4),
 )
-def test_every_row_comes_back_once_in_order_within_the_cap(rows, max_batch, cancel) -> None:
+def test_every_row_comes_back_once_in_order_within_the_cap(
+    rows, max_batch, cancel, instances
+) -> None:
     queue: BatchQueue[int] = BatchQueue(max_batch, 0.0)
     pendings = [queue.put(i, n, 0.0) for i, n in enumerate(rows)]
     for i in cancel:
         if i < len(pendings):
             queue.discard(pendings[i])
     taken: list[int] = []
-    while batch := queue.take():
-        assert sum(rows[i] for i in batch) <= max_batch
+    while True:
+        share = -(-queue.rows // instances)
+        if not (batch := queue.take(instances)):
+            break
+        taken_rows = sum(rows[i] for i in batch)
+        assert taken_rows <= max_batch
+        assert len(batch) == 1 or taken_rows <= share
         taken += batch
     assert taken == [i for i in range(len(rows)) if i not in cancel]
     assert len(queue) == 0 and queue.rows == 0

@@ -99,32 +99,35 @@ def test_answered_requests_leave_no_reference_cycles(
 
 
 class HeldInside:
-    """The real backend; each run waits at ``inside`` (with the test), then for ``release``."""
+    """The real backend; its first run waits at ``inside`` (with the test), then for ``release``."""
 
     def __init__(self, backend, inside: threading.Barrier, release: threading.Event) -> None:
         self.backend = backend
         self.inside = inside
         self.release = release
+        self.batch_rows: list[int] = []
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        self.inside.wait()  # BrokenBarrierError if the other instance is not running too
-        self.release.wait(10)
+        self.batch_rows.append(len(batch))
+        if len(self.batch_rows) == 1:
+            self.inside.wait()  # BrokenBarrierError if the other instance is not running too
+            self.release.wait(10)
         return self.backend.run(batch)
 
 
-async def _two_batches_at_once(backends: list[HeldInside]) -> None:
+async def _two_batches_at_once(backends: list[HeldInside], max_batch: int, requests: int) -> None:
     loop = asyncio.get_running_loop()
-    scheduler = Scheduler(backends, BatchQueue(1, 0.0), Metrics("tiny", 1, {}), loop)
+    metrics = Metrics("tiny", max_batch, {})
+    scheduler = Scheduler(backends, BatchQueue(max_batch, 0.0), metrics, loop)
     scheduler.start()
-    answered = [loop.create_future() for _ in range(2)]
-    for future in answered:
+    answered = [loop.create_future() for _ in range(requests)]
+    for future in answered:  # all in one event-loop pass: one wake-up for the lot
         done = lambda outputs, error, future=future: future.set_result(error)  # noqa: E731
         assert scheduler.submit(np.zeros((1, 3, 8, 8), np.uint8), done, None)
-    # One row per batch: the two requests are two batches, and both must be running now.
-    await loop.run_in_executor(None, backends[0].inside.wait)
+    await loop.run_in_executor(None, backends[0].inside.wait)  # both instances are running
     assert not scheduler.idle
     backends[0].release.set()
-    assert await asyncio.wait_for(asyncio.gather(*answered), 10) == [None, None]
+    assert await asyncio.wait_for(asyncio.gather(*answered), 10) == [None] * requests
     for _ in range(200):  # a worker counts itself idle just after its answers are queued
         if scheduler.idle:
             break
@@ -133,9 +136,24 @@ async def _two_batches_at_once(backends: list[HeldInside]) -> None:
     scheduler.stop()
 
 
-def test_instances_run_their_batches_at_the_same_time(tiny_model: Path) -> None:
+@pytest.mark.parametrize(
+    ("max_batch", "requests", "first_batches"),
+    [(1, 2, [1, 1]), (8, 4, [1, 2])],
+    ids=["one-row-batches", "a-burst-is-shared"],
+)
+def test_instances_run_their_batches_at_the_same_time(
+    tiny_model: Path, max_batch: int, requests: int, first_batches: list[int]
+) -> None:
+    """Both instances run at once: forced by one-row batches, or by sharing a burst.
+
+    A burst of 4 that fits one batch: the first worker takes its half (2), the second
+    half of what is left (1), the last row waits for whichever ends first. Taking the
+    whole burst would leave the second instance idle and break the barrier.
+    """
     inside, release = threading.Barrier(3, timeout=10), threading.Event()
     backends = [
         HeldInside(load_backend(tiny_model, "cpu", 1, None), inside, release) for _ in range(2)
     ]
-    asyncio.run(_two_batches_at_once(backends))
+    asyncio.run(_two_batches_at_once(backends, max_batch, requests))
+    assert sorted(b.batch_rows[0] for b in backends) == first_batches
+    assert sum(sum(b.batch_rows) for b in backends) == requests
