@@ -92,7 +92,7 @@ class BatchQueue(Generic[T]):
         waited on one long batch, and single-image throughput with 2 instances fell by
         a quarter, with a third of the CPU idle.
         """
-        limit = min(self.max_batch_size, -(-self._rows // max(1, instances)))
+        limit = min(self.max_batch_size, -(-self._rows // instances))
         batch: list[T] = []
         rows = 0
         while self._queue:
