@@ -90,8 +90,8 @@ def serve_command(
         int,
         typer.Option(
             help="Model instances, each running its own batches (Triton's instance_group "
-            "count). On CPU, 2 instances of 1 thread raise throughput for large requests "
-            "and lower it for single images; see serving/README.md.",
+            "count). On CPU, 2 instances of 1 thread raise throughput under many clients; "
+            "a lone client's large request takes longer. See serving/README.md.",
             envvar=_env("INSTANCES"),
         ),
     ] = 1,
