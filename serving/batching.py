@@ -5,14 +5,15 @@ without threads or sleeps. Semantics follow Triton's dynamic batcher, with two c
 a request that finds the worker idle is not held back to wait for company, so
 ``max_delay_s`` only ever applies to requests that queued behind a running batch (this
 matters at low load); and with several model instances each batch takes an even share
-of the queue, not all of it (see ``take``).
+of the queue, not all of it, and a request larger than that share is split among the
+idle instances (see ``take``).
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -27,6 +28,20 @@ class Pending(Generic[T]):
     rows: int
     enqueued: float
     queued: bool = field(default=True, repr=False)
+    taken: int = field(default=0, repr=False)  # rows already handed out (a split request)
+
+
+class Part(NamedTuple):
+    """Rows ``start:stop`` of the queued request ``item``, to run in one batch."""
+
+    # Any, not T: a generic NamedTuple needs Python 3.11, and the Jetson image runs 3.10.
+    item: Any
+    start: int
+    stop: int
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
 
 
 class BatchQueue(Generic[T]):
@@ -62,8 +77,8 @@ class BatchQueue(Generic[T]):
         return pending
 
     def discard(self, pending: Pending[T]) -> bool:
-        """Drop a still-queued request (it timed out); ``False`` if it already left."""
-        if not pending.queued:
+        """Drop a still-queued request (it timed out); ``False`` if any of it already left."""
+        if not pending.queued or pending.taken:
             return False
         # Marked, not removed: deque removal is O(n) and take() skips marked entries anyway.
         pending.queued = False
@@ -83,30 +98,38 @@ class BatchQueue(Generic[T]):
             or now >= oldest + self.max_delay_s  # the same sum wake_at() returns
         )
 
-    def take(self, instances: int = 1) -> list[T]:
+    def take(self, instances: int = 1, idle_instances: int = 0) -> list[Part]:
         """Pop the oldest requests, in order, while their rows fit in one batch.
 
         With several model instances sharing the queue, a batch holds at most an even
         share of the queued rows (always at least one request). Taking all of them let
         one instance run everything while the others got stragglers: every client then
         waited on one long batch, and single-image throughput with 2 instances fell by
-        a quarter, with a third of the CPU idle.
+        a quarter, with a third of the CPU idle. A request larger than the share, when
+        ``idle_instances`` other instances are waiting for work, is split among them,
+        so that a lone client's large request runs on every instance, not on one.
         """
         limit = min(self.max_batch_size, -(-self._rows // instances))
-        batch: list[T] = []
+        batch: list[Part] = []
         rows = 0
         while self._queue:
             head = self._queue[0]
             if not head.queued:
                 self._queue.popleft()
                 continue
-            if batch and rows + head.rows > limit:
+            left = head.rows - head.taken
+            if batch and rows + left > limit:
+                break
+            if not batch and left > limit and idle_instances:
+                rows = -(-left // (idle_instances + 1))
+                batch.append(Part(head.item, head.taken, head.taken + rows))
+                head.taken += rows  # the rest stays at the head for the idle instances
                 break
             self._queue.popleft()
             head.queued = False
-            rows += head.rows
-            batch.append(head.item)
-        self._requests -= len(batch)
+            rows += left
+            self._requests -= 1
+            batch.append(Part(head.item, head.taken, head.rows))
         self._rows -= rows
         return batch
 

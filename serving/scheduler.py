@@ -3,9 +3,11 @@
 The event loop parses requests, queues them and writes answers; each model instance has a
 worker thread that concatenates, calls its backend (onnxruntime releases the GIL) and takes
 its own next batch when the last one ends, so starting a batch never waits for the event
-loop to be scheduled. The event loop only wakes an idle worker, at the end of the pass that
-queued a request, so requests read in one pass share a batch. The queue is shared: every
-BatchQueue call holds ``_lock``, and a worker holds it to take a batch, never to run one.
+loop to be scheduled. A request split among idle instances (see ``BatchQueue.take``) is
+answered when its last part ends, with its parts' outputs joined in row order. The event
+loop only wakes an idle worker, at the end of the pass that queued a request, so requests
+read in one pass share a batch. The queue is shared: every BatchQueue call holds ``_lock``,
+and a worker holds it to take a batch, never to run one.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from time import perf_counter
 import numpy as np
 
 from serving.backends import Backend
-from serving.batching import BatchQueue, Pending, merge, split
+from serving.batching import BatchQueue, Part, Pending, merge, split
 from serving.metrics import Metrics
 
 log = logging.getLogger("serving")
@@ -40,13 +42,15 @@ class Job:
     # No link to its queue entry, which links to the job: that cycle kept every answered
     # request (body, closure) until the garbage collector ran. Only the timeout timer holds
     # both, and cancelling it when the job is answered lets both go.
-    __slots__ = ("array", "done", "timer", "enqueued")
+    __slots__ = ("array", "done", "timer", "enqueued", "pieces", "rows_left")
 
     def __init__(self, array: np.ndarray, done: Done) -> None:
         self.array = array
         self.done = done
         self.timer: asyncio.TimerHandle | None = None
         self.enqueued = 0.0
+        self.pieces: dict[int, Outputs] | None = None  # a split request's parts, by first row
+        self.rows_left = len(array)  # rows not yet run; 0 once answered
 
 
 class Scheduler:
@@ -128,7 +132,7 @@ class Scheduler:
                 QueueTimeout(f"request timeout expired after {waited_ms:.0f} ms in the queue"),
             )
 
-    def _next_batch(self, idle_since: float) -> list[Job] | None:
+    def _next_batch(self, idle_since: float) -> list[Part] | None:
         """Block until a batch should start (BatchQueue decides) and take it; None: stop.
 
         ``idle_since`` is when this worker went idle: a request that came after it goes
@@ -140,53 +144,77 @@ class Scheduler:
                 now = perf_counter()
                 if self._batches.ready(now, idle_since):
                     self._idle_workers -= 1
-                    jobs = self._batches.take(len(self._threads))
+                    parts = self._batches.take(len(self._threads), self._idle_workers)
                     if self._batches and self._idle_workers:
                         self._batch_ready.notify()  # more than one batch is waiting
-                    return jobs
+                    return parts
                 wake_at = self._batches.wake_at()
                 self._batch_ready.wait(None if wake_at is None else max(0.0, wake_at - now))
             return None
 
     def _worker(self, backend: Backend) -> None:
         idle_since = float("-inf")
-        while (jobs := self._next_batch(idle_since)) is not None:
+        while (parts := self._next_batch(idle_since)) is not None:
             started = perf_counter()
             try:
-                batch = merge([job.array for job in jobs])
-                outputs = split(backend.run(batch), [len(job.array) for job in jobs])
+                batch = merge([_rows_of(part) for part in parts])
+                outputs = split(backend.run(batch), [part.rows for part in parts])
                 error = None
             except Exception as exc:  # any backend failure fails this batch, not the server
-                log.exception("backend failed on a batch of %d requests", len(jobs))
+                log.exception("backend failed on a batch of %d requests", len(parts))
                 outputs, error = None, BackendFailure(f"backend error: {exc}")
             idle_since = perf_counter()
             self._loop.call_soon_threadsafe(
-                self._finished, jobs, outputs, error, started, idle_since
+                self._finished, parts, outputs, error, started, idle_since
             )
 
     def _finished(
         self,
-        jobs: list[Job],
+        parts: list[Part],
         outputs: list[Outputs] | None,
         error: Exception | None,
         started: float,
         ended: float,
     ) -> None:
-        rows = sum(len(job.array) for job in jobs)
+        rows = 0
+        for part in parts:
+            rows += part.stop - part.start
+            if not part.start:  # a split request waited until its first rows ran
+                self.metrics.queue_seconds.observe(started - part.item.enqueued)
         self.metrics.compute_seconds.observe(ended - started)
-        for job in jobs:
-            self.metrics.queue_seconds.observe(started - job.enqueued)
         self.metrics.batch_size.observe(rows)
         self.metrics.executions.inc()
         self.metrics.inferences.inc(rows)
-        for i, job in enumerate(jobs):
+        for i, (job, start, stop) in enumerate(parts):
+            if not job.rows_left:  # answered: another part of this split request failed
+                continue
+            result = None if outputs is None else outputs[i]
+            if result is not None and stop - start < len(job.array):
+                job.pieces = {**(job.pieces or {}), start: result}
+                job.rows_left -= stop - start
+                if job.rows_left:
+                    continue  # other parts are still queued or running
+                result = _joined(job.pieces)
             if job.timer is not None:
                 job.timer.cancel()  # only the loop may touch its timers; a late one finds nothing
-            self._deliver(job, None if outputs is None else outputs[i], error)
+            self._deliver(job, result, error)
 
     @staticmethod
     def _deliver(job: Job, outputs: Outputs | None, error: Exception | None) -> None:
+        job.rows_left = 0
+        job.pieces = None
         try:
             job.done(outputs, error)
         except Exception:  # one broken response must not cost the rest of the batch theirs
             log.exception("failed to answer a request")
+
+
+def _rows_of(part: Part) -> np.ndarray:
+    array = part.item.array
+    return array if part.rows == len(array) else array[part.start : part.stop]
+
+
+def _joined(pieces: dict[int, Outputs]) -> Outputs:
+    """A split request's outputs, its parts in row order."""
+    ordered = [pieces[start] for start in sorted(pieces)]
+    return {name: np.concatenate([piece[name] for piece in ordered]) for name in ordered[0]}

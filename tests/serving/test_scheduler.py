@@ -14,7 +14,7 @@ import pytest
 from serving.backends import load_backend
 from serving.batching import BatchQueue
 from serving.metrics import Metrics
-from serving.scheduler import Job, Scheduler
+from serving.scheduler import BackendFailure, Job, Scheduler
 from tests.serving.serving_helpers import build_model
 
 
@@ -115,45 +115,102 @@ class HeldInside:
         return self.backend.run(batch)
 
 
-async def _two_batches_at_once(backends: list[HeldInside], max_batch: int, requests: int) -> None:
+async def _two_batches_at_once(
+    backends: list[HeldInside], max_batch: int, requests: list[np.ndarray]
+) -> list[dict[str, np.ndarray]]:
     loop = asyncio.get_running_loop()
     metrics = Metrics("tiny", max_batch, {})
     scheduler = Scheduler(backends, BatchQueue(max_batch, 0.0), metrics, loop)
     scheduler.start()
-    answered = [loop.create_future() for _ in range(requests)]
-    for future in answered:  # all in one event-loop pass: one wake-up for the lot
-        done = lambda outputs, error, future=future: future.set_result(error)  # noqa: E731
-        assert scheduler.submit(np.zeros((1, 3, 8, 8), np.uint8), done, None)
+    answered = [loop.create_future() for _ in requests]
+    for array, future in zip(requests, answered, strict=True):  # one pass: one wake-up
+        done = lambda outputs, error, future=future: future.set_result((outputs, error))  # noqa: E731
+        assert scheduler.submit(array, done, None)
     await loop.run_in_executor(None, backends[0].inside.wait)  # both instances are running
     assert not scheduler.idle
     backends[0].release.set()
-    assert await asyncio.wait_for(asyncio.gather(*answered), 10) == [None] * requests
+    results = await asyncio.wait_for(asyncio.gather(*answered), 10)
+    assert [error for _, error in results] == [None] * len(requests)
     for _ in range(200):  # a worker counts itself idle just after its answers are queued
         if scheduler.idle:
             break
         await asyncio.sleep(0.005)
     assert scheduler.idle
     scheduler.stop()
+    return [outputs for outputs, _ in results]
 
 
 @pytest.mark.parametrize(
-    ("max_batch", "requests", "first_batches"),
-    [(1, 2, [1, 1]), (8, 4, [1, 2])],
-    ids=["one-row-batches", "a-burst-is-shared"],
+    ("max_batch", "rows", "first_batches"),
+    [(1, [1, 1], [1, 1]), (8, [1, 1, 1, 1], [1, 2]), (8, [8], [4, 4])],
+    ids=["one-row-batches", "a-burst-is-shared", "a-large-request-is-split"],
 )
 def test_instances_run_their_batches_at_the_same_time(
-    tiny_model: Path, max_batch: int, requests: int, first_batches: list[int]
+    tiny_model: Path, max_batch: int, rows: list[int], first_batches: list[int]
 ) -> None:
-    """Both instances run at once: forced by one-row batches, or by sharing a burst.
+    """Both instances run at once: forced by one-row batches, by sharing a burst, or by
+    splitting one request.
 
     A burst of 4 that fits one batch: the first worker takes its half (2), the second
-    half of what is left (1), the last row waits for whichever ends first. Taking the
-    whole burst would leave the second instance idle and break the barrier.
+    half of what is left (1), the last row waits for whichever ends first. A lone request
+    of 8 rows: each idle instance runs 4 of them, and the answer joins them in order.
+    Taking a whole burst or request would leave the second instance idle and break the
+    barrier.
     """
     inside, release = threading.Barrier(3, timeout=10), threading.Event()
     backends = [
         HeldInside(load_backend(tiny_model, "cpu", 1, None), inside, release) for _ in range(2)
     ]
-    asyncio.run(_two_batches_at_once(backends, max_batch, requests))
+    images = np.random.default_rng(0).integers(0, 256, (sum(rows), 3, 8, 8), dtype=np.uint8)
+    requests = np.split(images, np.cumsum(rows)[:-1])
+    answers = asyncio.run(_two_batches_at_once(backends, max_batch, requests))
     assert sorted(b.batch_rows[0] for b in backends) == first_batches
-    assert sum(sum(b.batch_rows) for b in backends) == requests
+    assert sum(sum(b.batch_rows) for b in backends) == sum(rows)
+    expected = backends[0].backend.run(images)
+    for name, want in expected.items():
+        np.testing.assert_allclose(np.concatenate([a[name] for a in answers]), want, rtol=1e-6)
+
+
+class FailsInside(HeldInside):
+    """Held like HeldInside, then raises instead of running."""
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        super().run(batch)
+        raise RuntimeError("device lost")
+
+
+async def _answers_to_one_request(scheduler: Scheduler, array: np.ndarray) -> list:
+    loop = asyncio.get_running_loop()
+    answers: list = []
+    last = loop.create_future()
+
+    def done(outputs, error) -> None:
+        answers.append(error)
+        loop.call_later(0.3, last.set_result, None)  # time for a second, wrong answer
+
+    scheduler.start()
+    assert scheduler.submit(array, done, None)
+    await asyncio.wait_for(last, 10)
+    scheduler.stop()
+    return answers
+
+
+def test_a_split_request_whose_part_fails_is_answered_once_with_the_error(
+    tiny_model: Path,
+) -> None:
+    inside, release = threading.Barrier(2, timeout=10), threading.Event()
+    release.set()
+    backends = [
+        HeldInside(load_backend(tiny_model, "cpu", 1, None), inside, release),
+        FailsInside(load_backend(tiny_model, "cpu", 1, None), inside, release),
+    ]
+
+    async def run() -> list:
+        loop = asyncio.get_running_loop()
+        scheduler = Scheduler(backends, BatchQueue(8, 0.0), Metrics("tiny", 8, {}), loop)
+        return await _answers_to_one_request(scheduler, np.zeros((8, 3, 8, 8), np.uint8))
+
+    answers = asyncio.run(run())
+    assert [b.batch_rows for b in backends] == [[4], [4]]  # the barrier: both ran a half
+    assert len(answers) == 1 and isinstance(answers[0], BackendFailure)
+    assert "device lost" in str(answers[0])
