@@ -90,8 +90,9 @@ def serve_command(
         int,
         typer.Option(
             help="Model instances, each running its own batches (Triton's instance_group "
-            "count). On CPU, 2 instances of 1 thread raise throughput under many clients; "
-            "a lone client's large request takes longer. See serving/README.md.",
+            "count); a large request is split among idle instances. On CPU, 2 instances of "
+            "1 thread raise throughput for many clients sending large requests; each costs "
+            "a copy of the model in memory. See serving/README.md.",
             envvar=_env("INSTANCES"),
         ),
     ] = 1,

@@ -132,7 +132,7 @@ class Scheduler:
                 QueueTimeout(f"request timeout expired after {waited_ms:.0f} ms in the queue"),
             )
 
-    def _next_batch(self, idle_since: float) -> list[Part] | None:
+    def _next_batch(self, idle_since: float) -> list[Part[Job]] | None:
         """Block until a batch should start (BatchQueue decides) and take it; None: stop.
 
         ``idle_since`` is when this worker went idle: a request that came after it goes
@@ -157,8 +157,8 @@ class Scheduler:
         while (parts := self._next_batch(idle_since)) is not None:
             started = perf_counter()
             try:
-                batch = merge([_rows_of(part) for part in parts])
-                outputs = split(backend.run(batch), [part.rows for part in parts])
+                batch = merge([_rows_of(*part) for part in parts])
+                outputs = split(backend.run(batch), [stop - start for _, start, stop in parts])
                 error = None
             except Exception as exc:  # any backend failure fails this batch, not the server
                 log.exception("backend failed on a batch of %d requests", len(parts))
@@ -170,17 +170,17 @@ class Scheduler:
 
     def _finished(
         self,
-        parts: list[Part],
+        parts: list[Part[Job]],
         outputs: list[Outputs] | None,
         error: Exception | None,
         started: float,
         ended: float,
     ) -> None:
         rows = 0
-        for part in parts:
-            rows += part.stop - part.start
-            if not part.start:  # a split request waited until its first rows ran
-                self.metrics.queue_seconds.observe(started - part.item.enqueued)
+        for job, start, stop in parts:
+            rows += stop - start
+            if not start:  # a split request waited until its first rows ran
+                self.metrics.queue_seconds.observe(started - job.enqueued)
         self.metrics.compute_seconds.observe(ended - started)
         self.metrics.batch_size.observe(rows)
         self.metrics.executions.inc()
@@ -209,9 +209,8 @@ class Scheduler:
             log.exception("failed to answer a request")
 
 
-def _rows_of(part: Part) -> np.ndarray:
-    array = part.item.array
-    return array if part.rows == len(array) else array[part.start : part.stop]
+def _rows_of(job: Job, start: int, stop: int) -> np.ndarray:
+    return job.array if stop - start == len(job.array) else job.array[start:stop]
 
 
 def _joined(pieces: dict[int, Outputs]) -> Outputs:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from serving.batching import BatchQueue, Part
+from serving.batching import BatchQueue
 
 IDLE_LONG_AGO = float("-inf")
 BUSY = None
@@ -16,7 +16,7 @@ BUSY = None
 
 def take(queue: BatchQueue[str], instances: int = 1) -> list[str]:
     """The requests a batch takes, with no idle instance to split one with."""
-    return [part.item for part in queue.take(instances)]
+    return [item for item, _, _ in queue.take(instances)]
 
 
 def queue_of(
@@ -79,11 +79,11 @@ def test_a_request_larger_than_the_share_goes_whole_and_alone_when_no_instance_i
 def test_a_request_larger_than_the_share_is_split_among_the_idle_instances() -> None:
     queue = queue_of(64, 1, max_batch=64)
     # 3 instances, all idle: this one and 2 others each take a third of the 64 rows
-    assert queue.take(instances=3, idle_instances=2) == [Part("r0", 0, 22)]
+    assert queue.take(instances=3, idle_instances=2) == [("r0", 0, 22)]
     assert len(queue) == 2 and queue.rows == 43
-    assert queue.take(instances=3, idle_instances=1) == [Part("r0", 22, 43)]
-    assert queue.take(instances=3, idle_instances=0) == [Part("r0", 43, 64)]  # the rest
-    assert queue.take(instances=3, idle_instances=2) == [Part("r1", 0, 1)]
+    assert queue.take(instances=3, idle_instances=1) == [("r0", 22, 43)]
+    assert queue.take(instances=3, idle_instances=0) == [("r0", 43, 64)]  # the rest
+    assert queue.take(instances=3, idle_instances=2) == [("r1", 0, 1)]
     assert len(queue) == 0 and queue.rows == 0
 
 
@@ -91,9 +91,9 @@ def test_a_split_request_can_no_longer_be_discarded() -> None:
     queue: BatchQueue[str] = BatchQueue(8, 0.0)
     pending = queue.put("a", 8, 0.0)
     assert pending is not None
-    assert queue.take(instances=2, idle_instances=1) == [Part("a", 0, 4)]
+    assert queue.take(instances=2, idle_instances=1) == [("a", 0, 4)]
     assert not queue.discard(pending)  # half of it is running: it completes
-    assert queue.take(instances=2) == [Part("a", 4, 8)]
+    assert queue.take(instances=2) == [("a", 4, 8)]
 
 
 def test_zero_delay_always_ready_when_idle() -> None:
@@ -150,14 +150,14 @@ def test_every_row_comes_back_once_in_order_within_the_cap(
         share = -(-queue.rows // instances)
         if not (batch := queue.take(instances, idle_instances)):
             break
-        taken_rows = sum(part.rows for part in batch)
+        taken_rows = sum(stop - start for _, start, stop in batch)
         assert taken_rows <= max_batch
         assert len(batch) == 1 or taken_rows <= share
-        first = batch[0]
-        if first.stop < rows[first.item]:  # split: only with idle instances, evenly
+        item, start, stop = batch[0]
+        if stop < rows[item]:  # split: only with idle instances, evenly
             assert len(batch) == 1 and idle_instances
-            assert first.rows == -(-(rows[first.item] - first.start) // (idle_instances + 1))
-        taken += [(part.item, part.start, part.stop) for part in batch]
+            assert stop - start == -(-(rows[item] - start) // (idle_instances + 1))
+        taken += batch
     assert taken == sorted(taken), "requests or their parts left out of order"
     for i, n in enumerate(rows):
         ranges = [(start, stop) for item, start, stop in taken if item == i]
