@@ -19,7 +19,7 @@ import numpy as np
 
 T = TypeVar("T")
 # Rows start:stop of a queued request: (request, start, stop). A plain tuple, not a
-# NamedTuple: the event loop makes one per request, and a plain one costs a fortieth.
+# NamedTuple: a batch makes one per request while holding the GIL, at 5 ns against 200.
 Part = tuple[T, int, int]
 
 

@@ -190,7 +190,8 @@ class Scheduler:
                 continue
             result = None if outputs is None else outputs[i]
             if result is not None and stop - start < len(job.array):
-                job.pieces = {**(job.pieces or {}), start: result}
+                job.pieces = job.pieces or {}
+                job.pieces[start] = result
                 job.rows_left -= stop - start
                 if job.rows_left:
                     continue  # other parts are still queued or running
