@@ -51,8 +51,9 @@ def test_split_refuses_outputs_with_the_wrong_row_count(rows: list[int], off: in
 
 # the real scheduler on a real model ---------------------------------------------------------------
 @pytest.fixture(scope="module")
-def backend(tiny_model: Path):
-    return load_backend(tiny_model, "cpu", 1, None)
+def backends(tiny_model: Path):
+    """Three model instances; each example uses the first 1 to 3."""
+    return [load_backend(tiny_model, "cpu", 1, None) for _ in range(3)]
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +62,10 @@ def reference(tiny_model: Path):
     return lambda batch: session.run(["logits"], {"images": batch})[0]
 
 
-async def _run_mix(backend, rows: list[int], max_batch: int) -> list:
+async def _run_mix(backends: list, rows: list[int], max_batch: int) -> list:
     loop = asyncio.get_running_loop()
-    metrics = Metrics("tiny", max_batch, backend.info)
-    scheduler = Scheduler([backend], BatchQueue(max_batch, 0.0005), metrics, loop)
+    metrics = Metrics("tiny", max_batch, backends[0].info)
+    scheduler = Scheduler(backends, BatchQueue(max_batch, 0.0005), metrics, loop)
     scheduler.start()
     rng = np.random.default_rng(len(rows))
     arrays = [rng.integers(0, 256, (n, 3, 8, 8), dtype=np.uint8) for n in rows]
@@ -90,11 +91,16 @@ async def _run_mix(backend, rows: list[int], max_batch: int) -> list:
 @settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(rows=st.lists(st.integers(1, 8), min_size=1, max_size=24), max_batch=st.integers(8, 20))
+@given(
+    rows=st.lists(st.integers(1, 8), min_size=1, max_size=24),
+    max_batch=st.integers(8, 20),
+    instances=st.integers(1, 3),
+)
 def test_scheduler_answers_each_request_once_with_its_own_rows(
-    backend, reference, rows: list[int], max_batch: int
+    backends, reference, rows: list[int], max_batch: int, instances: int
 ) -> None:
-    for array, answers in asyncio.run(_run_mix(backend, rows, max_batch)):
+    """With several instances, requests are also split among idle ones and joined again."""
+    for array, answers in asyncio.run(_run_mix(backends[:instances], rows, max_batch)):
         assert len(answers) == 1, "a request was answered more than once"
         outputs, error = answers[0]
         assert error is None
