@@ -96,10 +96,19 @@ def build_cnn(path: Path) -> Path:
         node("Gemm", ["r4", "d2", "d2b"], ["logits"]),
         node("Softmax", ["logits"], ["probabilities"], axis=1),
     ]
+    return save_classifier(path, "seed_cnn", SHAPE, nodes, inits)
+
+
+def save_classifier(path: Path, name: str, shape: tuple[int, ...], nodes, inits) -> Path:
+    """An ONNX file the server can load: uint8 ``images`` in, ``logits`` and
+    ``probabilities`` (10 classes) out, with the metadata the export stage writes."""
+    import onnx
+    from onnx import TensorProto, helper
+
     graph = helper.make_graph(
         nodes,
-        "seed_cnn",
-        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["batch", *SHAPE])],
+        name,
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["batch", *shape])],
         [
             helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10]),
             helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 10]),
@@ -109,7 +118,7 @@ def build_cnn(path: Path) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     contract = ModelContract(
-        "seed_cnn", tuple(f"class_{i}" for i in range(10)), "images", "NCHW", SHAPE, "uint8",
+        name, tuple(f"class_{i}" for i in range(10)), "images", "NCHW", shape, "uint8",
         (0.0, 255.0), "fp32",
     )  # fmt: skip
     helper.set_model_props(model, contract.to_metadata())

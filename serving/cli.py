@@ -91,8 +91,9 @@ def serve_command(
         typer.Option(
             help="Model instances, each running its own batches (Triton's instance_group "
             "count); a large request is split among idle instances. On CPU, 2 instances of "
-            "1 thread raise throughput for many clients sending large requests; each costs "
-            "a copy of the model in memory. See serving/README.md.",
+            "1 thread raise throughput for clients sending large requests; each is a copy of "
+            "the model, and a single image runs on one instance's threads. "
+            "See serving/README.md.",
             envvar=_env("INSTANCES"),
         ),
     ] = 1,
