@@ -157,7 +157,7 @@ class Scheduler:
         while (parts := self._next_batch(idle_since)) is not None:
             started = perf_counter()
             try:
-                batch = merge([_rows_of(*part) for part in parts])
+                batch = merge([job.array[start:stop] for job, start, stop in parts])
                 outputs = split(backend.run(batch), [stop - start for _, start, stop in parts])
                 error = None
             except Exception as exc:  # any backend failure fails this batch, not the server
@@ -208,10 +208,6 @@ class Scheduler:
             job.done(outputs, error)
         except Exception:  # one broken response must not cost the rest of the batch theirs
             log.exception("failed to answer a request")
-
-
-def _rows_of(job: Job, start: int, stop: int) -> np.ndarray:
-    return job.array if stop - start == len(job.array) else job.array[start:stop]
 
 
 def _joined(pieces: dict[int, Outputs]) -> Outputs:

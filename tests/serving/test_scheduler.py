@@ -179,8 +179,9 @@ class FailsInside(HeldInside):
         raise RuntimeError("device lost")
 
 
-async def _answers_to_one_request(scheduler: Scheduler, array: np.ndarray) -> list:
+async def _answers_to_one_request(backends: list, array: np.ndarray) -> list:
     loop = asyncio.get_running_loop()
+    scheduler = Scheduler(backends, BatchQueue(8, 0.0), Metrics("tiny", 8, {}), loop)
     answers: list = []
     last = loop.create_future()
 
@@ -204,13 +205,7 @@ def test_a_split_request_whose_part_fails_is_answered_once_with_the_error(
         HeldInside(load_backend(tiny_model, "cpu", 1, None), inside, release),
         FailsInside(load_backend(tiny_model, "cpu", 1, None), inside, release),
     ]
-
-    async def run() -> list:
-        loop = asyncio.get_running_loop()
-        scheduler = Scheduler(backends, BatchQueue(8, 0.0), Metrics("tiny", 8, {}), loop)
-        return await _answers_to_one_request(scheduler, np.zeros((8, 3, 8, 8), np.uint8))
-
-    answers = asyncio.run(run())
+    answers = asyncio.run(_answers_to_one_request(backends, np.zeros((8, 3, 8, 8), np.uint8)))
     assert [b.batch_rows for b in backends] == [[4], [4]]  # the barrier: both ran a half
     assert len(answers) == 1 and isinstance(answers[0], BackendFailure)
     assert "device lost" in str(answers[0])
