@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import zlib
 from dataclasses import dataclass
@@ -40,6 +41,10 @@ def _version() -> str:
 log = logging.getLogger("serving")
 
 RETRY = {"Retry-After": "1"}
+# The spec's health bodies. Triton sends none and tritonclient reads only the status, but
+# KServe's InferenceRESTClient reads these fields and fails on an empty body.
+LIVE = b'{"live":true}'
+SERVER_READY = b'{"ready":true}'
 MODEL_VERBS = {"": "GET", "ready": "GET", "config": "GET", "infer": "POST"}  # under a model
 
 
@@ -66,13 +71,14 @@ class App:
         self._version = _version()
         self._api_key = None if config.api_key is None else config.api_key.encode()
         self._public = set(config.public_routes)
+        self._model_ready = json.dumps({"name": self.name, "ready": True}).encode()
         self._model_verbs: dict[str, str] = {}  # path after /v2/models/ -> verb; see _model_verb
         # Read at scrape time: free on the request path.
         metrics.pending.set_function(lambda: scheduler.queued)
         metrics.inflight.set_function(lambda: self.state.inflight)
         self._routes = {
-            "/v2/health/live": ("GET", lambda r: r.respond(200, [b""])),
-            "/v2/health/ready": ("GET", self._ready),
+            "/v2/health/live": ("GET", lambda r: r.respond(200, [LIVE])),
+            "/v2/health/ready": ("GET", lambda r: self._ready(r, SERVER_READY)),
             "/v2": ("GET", lambda r: r.respond_json(200, self._server_metadata())),
             "/metrics": ("GET", lambda r: r.respond(200, [metrics.render()], CONTENT_TYPE)),
             "/v2/openapi.json": ("GET", lambda r: r.respond_json(200, self._openapi())),
@@ -110,9 +116,9 @@ class App:
         return False
 
     # metadata and health
-    def _ready(self, request: Request) -> None:
+    def _ready(self, request: Request, body: bytes) -> None:
         if self.state.ready:
-            request.respond(200, [b""])
+            request.respond(200, [body])
         else:
             request.error(503, "not ready", RETRY)
 
@@ -173,7 +179,7 @@ class App:
         if verb == "infer":
             return self._infer(request)
         if verb == "ready":
-            return self._ready(request)
+            return self._ready(request, self._model_ready)
         request.respond_json(
             200, self._model_config() if verb == "config" else self._model_metadata()
         )

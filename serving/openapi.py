@@ -26,7 +26,6 @@ _ERROR = {
         }
     },
 }
-_EMPTY = {"description": "OK, empty body"}
 _OBJECT = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
 
 
@@ -38,6 +37,13 @@ def _path(name: str, value: str) -> dict[str, Any]:
         "required": True,
         "schema": {"type": "string", "enum": [value]},
     }
+
+
+def _flags(*names: str) -> dict[str, Any]:
+    """An OK answer whose JSON object carries ``names`` (``ready`` and ``live`` are booleans)."""
+    fields = {n: {"type": "string" if n == "name" else "boolean"} for n in names}
+    schema = {"type": "object", "required": list(names), "properties": fields}
+    return {"description": "OK", "content": {"application/json": {"schema": schema}}}
 
 
 def _get(ok: dict[str, Any], summary: str, *params: dict[str, Any]) -> dict[str, Any]:
@@ -139,13 +145,13 @@ def document(model: str, version: str, spec: TensorSpec, max_batch: int) -> dict
     name, version_param = _path("model_name", model), _path("model_version", "1")
     text = {"description": "Prometheus text", "content": {"text/plain": {"schema": {}}}}
     paths = {
-        "/v2/health/live": _get(_EMPTY, "Liveness"),
-        "/v2/health/ready": _get(_EMPTY, "Readiness"),
+        "/v2/health/live": _get(_flags("live"), "Liveness"),
+        "/v2/health/ready": _get(_flags("ready"), "Readiness"),
         "/v2": _get(_OBJECT, "Server metadata"),
         "/v2/openapi.json": _get(_OBJECT, "This document"),
         "/metrics": _get(text, "Prometheus metrics"),
         base: _get(_OBJECT, "Model metadata", name),
-        base + "/ready": _get(_EMPTY, "Model readiness", name),
+        base + "/ready": _get(_flags("name", "ready"), "Model readiness", name),
         base + "/config": _get(_OBJECT, "Triton-style model config", name),
         versioned: _get(_OBJECT, "Model metadata", name, version_param),
         base + "/infer": _infer(spec, max_batch, name),

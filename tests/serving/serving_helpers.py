@@ -19,16 +19,34 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from serving.contract import ModelContract
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = ("cat", "dog", "ship", "truck")
+
+
+def images(batch: int, seed: int = 0) -> np.ndarray:
+    """Random uint8 images shaped for the default tiny model."""
+    return np.random.default_rng(seed).integers(0, 256, (batch, 3, 8, 8), dtype=np.uint8)
+
+
+@lru_cache
+def _session(model: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+
+
+def reference(model: Path, batch: np.ndarray) -> dict[str, np.ndarray]:
+    """What onnxruntime called directly answers for ``batch``: the expected server outputs."""
+    logits, probabilities = _session(model).run(["logits", "probabilities"], {"images": batch})
+    return {"logits": logits, "probabilities": probabilities}
 
 
 def contract(shape: tuple[int, int, int] = (3, 8, 8), name: str = "tiny") -> ModelContract:

@@ -4,34 +4,25 @@ from __future__ import annotations
 
 import io
 import json
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import tritonclient.http as httpclient
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from tests.serving.reliability_helpers import raw_socket, read_responses
-from tests.serving.serving_helpers import CLASSES, ServerProcess, fetch, start_server
+from tests.serving.serving_helpers import (
+    CLASSES,
+    ServerProcess,
+    fetch,
+    images,
+    reference,
+    start_server,
+)
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def images(batch: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (batch, 3, 8, 8), dtype=np.uint8)
-
-
-@lru_cache
-def _session(model: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-
-
-def reference(model: Path, batch: np.ndarray) -> dict[str, np.ndarray]:
-    logits, probabilities = _session(model).run(["logits", "probabilities"], {"images": batch})
-    return {"logits": logits, "probabilities": probabilities}
 
 
 @pytest.fixture(scope="module")
