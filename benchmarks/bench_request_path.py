@@ -89,7 +89,7 @@ def main() -> None:
         for connection in connections:
             connection.data_received(request)
         jobs = scheduler._batches.take()  # what the worker thread would take
-        scheduler._finished(jobs, split(outputs, [1] * len(jobs)), None, 0.0, 0.0)
+        scheduler._finished(jobs, split(outputs, [1] * len(jobs)), None, (0.0,) * 4)
         loop.call_soon(loop.stop)  # run the pass's deferred callbacks, as the loop would
         loop.run_forever()
 

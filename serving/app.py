@@ -45,7 +45,8 @@ RETRY = {"Retry-After": "1"}
 # KServe's InferenceRESTClient reads these fields and fails on an empty body.
 LIVE = b'{"live":true}'
 SERVER_READY = b'{"ready":true}'
-MODEL_VERBS = {"": "GET", "ready": "GET", "config": "GET", "infer": "POST"}  # under a model
+# under a model
+MODEL_VERBS = {"": "GET", "ready": "GET", "config": "GET", "stats": "GET", "infer": "POST"}
 
 
 @dataclass
@@ -126,7 +127,7 @@ class App:
         return {
             "name": "tensorferry",
             "version": self._version,
-            "extensions": ["binary_tensor_data"],
+            "extensions": ["binary_tensor_data", "statistics"],
         }
 
     def _openapi(self) -> dict[str, Any]:
@@ -180,6 +181,8 @@ class App:
             return self._infer(request)
         if verb == "ready":
             return self._ready(request, self._model_ready)
+        if verb == "stats":
+            return request.respond_json(200, {"model_stats": [self.metrics.statistics(self.name)]})
         request.respond_json(
             200, self._model_config() if verb == "config" else self._model_metadata()
         )
@@ -191,6 +194,8 @@ class App:
         (a bounded few: percent-encoding can spell one path many ways).
         """
         parts = rest.rstrip("/").split("/")
+        if parts == ["stats"]:  # Triton: every model's statistics; this server has one
+            return "stats"
         name = unquote(parts[0])
         if name != self.name:
             request.error(404, f"Request for unknown model: '{name}' is not found")
@@ -279,15 +284,19 @@ class App:
     def _finish(self, request: Request, error: Exception | None, start: float) -> None:
         """Account for an answered request; answer it if ``error`` says it failed."""
         self.state.inflight -= 1
-        if isinstance(error, QueueTimeout):
-            self.metrics.failure["timeout"].inc()
-            request.error(504, str(error))
-        elif error is not None:
-            self.metrics.failure["backend"].inc()
-            request.error(500, str(error) if isinstance(error, BackendFailure) else repr(error))
-        else:
+        elapsed = perf_counter() - start
+        if error is None:
             self.metrics.success.inc()
-        self.metrics.request_seconds.observe(perf_counter() - start)
+        else:
+            self.metrics.failed.add(elapsed)
+            if isinstance(error, QueueTimeout):
+                self.metrics.failure["timeout"].inc()
+                request.error(504, str(error))
+            else:
+                self.metrics.failure["backend"].inc()
+                message = str(error) if isinstance(error, BackendFailure) else repr(error)
+                request.error(500, message)
+        self.metrics.request_seconds.observe(elapsed)
 
     # classify
     def _classify(self, request: Request) -> None:

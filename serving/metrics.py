@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -88,6 +89,47 @@ class LoopCounter:
         return family
 
 
+class Duration:
+    """A count and a cumulative time, Triton's ``$duration_stat``; event loop thread only."""
+
+    __slots__ = ("count", "seconds")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.seconds = 0.0
+
+    def add(self, seconds: float, count: int = 1) -> None:
+        """Count ``count`` occurrences that each took ``seconds``."""
+        self.count += count
+        self.seconds += seconds * count
+
+    def to_json(self) -> dict[str, int]:
+        return {"count": self.count, "ns": round(self.seconds * 1e9)}
+
+
+class Phases:
+    """Where compute went: preparing the input (merge), the backend run, splitting the output."""
+
+    __slots__ = ("input", "infer", "output")
+
+    def __init__(self) -> None:
+        self.input, self.infer, self.output = Duration(), Duration(), Duration()
+
+    def add(self, marks: tuple[float, float, float, float], count: int = 1) -> None:
+        """``marks``: perf_counter at the start, after the merge, after the run, at the end."""
+        started, merged, ran, ended = marks
+        self.input.add(merged - started, count)
+        self.infer.add(ran - merged, count)
+        self.output.add(ended - ran, count)
+
+    def to_json(self) -> dict[str, dict[str, int]]:
+        return {
+            "compute_input": self.input.to_json(),
+            "compute_infer": self.infer.to_json(),
+            "compute_output": self.output.to_json(),
+        }
+
+
 class _LoopSeries(Collector):
     def __init__(self, model: str, series: list[LoopHistogram | LoopCounter]) -> None:
         self.model = model
@@ -130,6 +172,13 @@ class Metrics:
         self.batch_size = LoopHistogram(
             p + "batch_size", "Rows per backend execution", _batch_buckets(max_batch_size)
         )
+        # Triton's statistics extension (GET .../stats, what perf_analyzer reads): the same
+        # ground as the histograms, plus compute by phase and by exact batch size.
+        # Successes are request_seconds less these (no second sum on the hot path).
+        self.failed = Duration()  # queued requests answered with an error (timeout, backend)
+        self.request_phases = Phases()  # each request counted once, in its first batch
+        self.batch_phases: dict[int, Phases] = {}  # by rows in the batch
+        self.last_inference_ms = 0  # wall clock of the last successful batch's end
         self.inferences = LoopCounter(p + "inference_count", "Rows (images) inferred")
         self.executions = LoopCounter(p + "execution_count", "Backend executions (batches)")
         r.register(
@@ -171,3 +220,30 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def statistics(self, model: str) -> dict[str, Any]:
+        """Triton's ``$model_stat`` for ``model``: cumulative counts and nanoseconds."""
+        queue = self.queue_seconds
+        succeeded = Duration()
+        succeeded.count = self.success.value
+        succeeded.seconds = self.request_seconds.total - self.failed.seconds
+        none = {"count": 0, "ns": 0}  # no response cache
+        return {
+            "name": model,
+            "version": "1",
+            "last_inference": self.last_inference_ms,
+            "inference_count": self.inferences.value,
+            "execution_count": self.executions.value,
+            "inference_stats": {
+                "success": succeeded.to_json(),
+                "fail": self.failed.to_json(),
+                "queue": {"count": sum(queue.counts), "ns": round(queue.total * 1e9)},
+                **self.request_phases.to_json(),
+                "cache_hit": none,
+                "cache_miss": none,
+            },
+            "batch_stats": [
+                {"batch_size": rows, **phases.to_json()}
+                for rows, phases in sorted(self.batch_phases.items())
+            ],
+        }

@@ -153,6 +153,8 @@ def document(model: str, version: str, spec: TensorSpec, max_batch: int) -> dict
         base: _get(_OBJECT, "Model metadata", name),
         base + "/ready": _get(_flags("name", "ready"), "Model readiness", name),
         base + "/config": _get(_OBJECT, "Triton-style model config", name),
+        base + "/stats": _get(_OBJECT, "Triton statistics extension", name),
+        "/v2/models/stats": _get(_OBJECT, "Triton statistics extension, every model"),
         versioned: _get(_OBJECT, "Model metadata", name, version_param),
         base + "/infer": _infer(spec, max_batch, name),
         versioned + "/infer": _infer(spec, max_batch, name, version_param),

@@ -16,13 +16,13 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from time import perf_counter
+from time import perf_counter, time_ns
 
 import numpy as np
 
 from serving.backends import Backend
 from serving.batching import BatchQueue, Part, Pending, merge, split
-from serving.metrics import Metrics
+from serving.metrics import Metrics, Phases
 
 log = logging.getLogger("serving")
 
@@ -155,36 +155,47 @@ class Scheduler:
     def _worker(self, backend: Backend) -> None:
         idle_since = float("-inf")
         while (parts := self._next_batch(idle_since)) is not None:
-            started = perf_counter()
+            started = merged = ran = perf_counter()
             try:
                 batch = merge([job.array[start:stop] for job, start, stop in parts])
-                outputs = split(backend.run(batch), [stop - start for _, start, stop in parts])
+                merged = perf_counter()
+                raw = backend.run(batch)
+                ran = perf_counter()
+                outputs = split(raw, [stop - start for _, start, stop in parts])
                 error = None
             except Exception as exc:  # any backend failure fails this batch, not the server
                 log.exception("backend failed on a batch of %d requests", len(parts))
                 outputs, error = None, BackendFailure(f"backend error: {exc}")
             idle_since = perf_counter()
-            self._loop.call_soon_threadsafe(
-                self._finished, parts, outputs, error, started, idle_since
-            )
+            marks = (started, merged, ran, idle_since)
+            self._loop.call_soon_threadsafe(self._finished, parts, outputs, error, marks)
 
     def _finished(
         self,
         parts: list[Part[Job]],
         outputs: list[Outputs] | None,
         error: Exception | None,
-        started: float,
-        ended: float,
+        marks: tuple[float, float, float, float],
     ) -> None:
-        rows = 0
+        """Account for a batch and answer its requests; ``marks`` as ``Phases.add`` takes them."""
+        metrics = self.metrics
+        started, ended = marks[0], marks[3]
+        rows = requests = 0
         for job, start, stop in parts:
             rows += stop - start
             if not start:  # a split request waited until its first rows ran
-                self.metrics.queue_seconds.observe(started - job.enqueued)
-        self.metrics.compute_seconds.observe(ended - started)
-        self.metrics.batch_size.observe(rows)
-        self.metrics.executions.inc()
-        self.metrics.inferences.inc(rows)
+                requests += 1
+                metrics.queue_seconds.observe(started - job.enqueued)
+        metrics.compute_seconds.observe(ended - started)
+        metrics.batch_size.observe(rows)
+        metrics.executions.inc()
+        metrics.inferences.inc(rows)
+        if error is None:
+            metrics.request_phases.add(marks, requests)
+            if (phases := metrics.batch_phases.get(rows)) is None:
+                phases = metrics.batch_phases[rows] = Phases()
+            phases.add(marks)
+            metrics.last_inference_ms = time_ns() // 1_000_000
         for i, (job, start, stop) in enumerate(parts):
             if not job.rows_left:  # answered: another part of this split request failed
                 continue

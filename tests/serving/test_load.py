@@ -104,6 +104,13 @@ def scrape(server: ServerProcess) -> dict[str, float]:
     }
 
 
+def statistics(server: ServerProcess) -> dict:
+    """The model's Triton ``inference_stats``."""
+    connection = server.connection()
+    connection.request("GET", "/v2/models/tiny/stats")
+    return json.loads(connection.getresponse().read())["model_stats"][0]["inference_stats"]
+
+
 def test_overload_rejects_with_503_and_batches_the_queue(slow_server: ServerProcess) -> None:
     before = scrape(slow_server)
     results = in_threads(10, lambda i: post(slow_server, infer_body()), stagger_s=0.005)
@@ -133,10 +140,14 @@ def test_queue_timeout_is_answered_while_queued(slow_server: ServerProcess) -> N
     busy = threading.Thread(target=post, args=(slow_server, infer_body()))
     busy.start()
     time.sleep(0.05)  # the first request is running (about 0.3 s)
+    failed_before = statistics(slow_server)["fail"]
     status, payload, seconds = post(slow_server, infer_body(timeout_us=50_000))
     busy.join()
     assert status == 504 and "timeout" in payload["error"]
     assert seconds < 0.2, f"answered after {seconds:.3f} s: waited for the running batch"
+    failed = statistics(slow_server)["fail"]
+    assert failed["count"] - failed_before["count"] == 1
+    assert 0.05e9 <= failed["ns"] - failed_before["ns"] < 0.2e9  # the time it spent queued
     assert post(slow_server, infer_body())[0] == 200
 
 

@@ -38,6 +38,8 @@ ROUTES = [
     "GET /v2/models/{model_name}",
     "GET /v2/models/{model_name}/ready",
     "GET /v2/models/{model_name}/config",
+    "GET /v2/models/{model_name}/stats",
+    "GET /v2/models/stats",
     "GET /v2/models/{model_name}/versions/{model_version}",
     "POST /v2/models/{model_name}/infer",
     "POST /v2/models/{model_name}/versions/{model_version}/infer",

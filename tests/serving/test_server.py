@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -394,6 +395,39 @@ def test_metrics_count_what_happened(client, server: ServerProcess) -> None:
         "tensorferry_request_duration_seconds_bucket",
         (("le", "0.0001"), ("model", "tiny")),
     ) in after
+
+
+def test_statistics_extension(client: httpclient.InferenceServerClient) -> None:
+    """Triton's GET .../stats, as tritonclient and perf_analyzer read it."""
+    assert "statistics" in client.get_server_metadata()["extensions"]
+    before = client.get_inference_statistics("tiny")["model_stats"][0]
+    for rows in (3, 2):  # one after the other: two batches
+        infer_input = httpclient.InferInput("images", [rows, 3, 8, 8], "UINT8")
+        infer_input.set_data_from_numpy(images(rows))
+        client.infer("tiny", [infer_input])
+    after = client.get_inference_statistics("tiny", "1")["model_stats"][0]
+    assert client.get_inference_statistics()["model_stats"][0]["name"] == "tiny"
+    assert (after["name"], after["version"]) == ("tiny", "1")
+    assert after["inference_count"] - before["inference_count"] == 5
+    assert after["execution_count"] - before["execution_count"] == 2
+    assert abs(after["last_inference"] / 1e3 - time.time()) < 10
+
+    def grew(stat: str) -> tuple[int, int]:
+        new, old = after["inference_stats"][stat], before["inference_stats"][stat]
+        return new["count"] - old["count"], new["ns"] - old["ns"]
+
+    phases = ("queue", "compute_input", "compute_infer", "compute_output")
+    success, *spent = grew("success"), *map(grew, phases)
+    assert success[0] == 2 and all(count == 2 for count, _ in spent)
+    assert grew("compute_infer")[1] > 0
+    assert success[1] >= sum(ns for _, ns in spent)  # a request's time covers its queue and batch
+    by_size = {b["batch_size"]: b["compute_infer"]["count"] for b in after["batch_stats"]}
+    old_sizes = {b["batch_size"]: b["compute_infer"]["count"] for b in before["batch_stats"]}
+    assert by_size[3] - old_sizes.get(3, 0) == 1 and by_size[2] - old_sizes.get(2, 0) == 1
+    assert sum(by_size.values()) == after["execution_count"]
+    with pytest.raises(InferenceServerException) as info:
+        client.get_inference_statistics("nope")
+    assert info.value.status() == "404"
 
 
 def test_gzip_request_body(client: httpclient.InferenceServerClient, tiny_model: Path) -> None:
