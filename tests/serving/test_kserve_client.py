@@ -7,6 +7,7 @@ KServe's client reads more than tritonclient does: the health routes' JSON bodie
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,16 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 
 from tests.serving.serving_helpers import ServerProcess, images, reference
+
+# Importing kserve parses sys.argv for its model server's flags, and argparse exits on
+# pytest's: `pytest --co` abbreviates kserve's `--configure_logging`.
+_argv, sys.argv = sys.argv, sys.argv[:1]
+try:
+    from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+finally:
+    sys.argv = _argv
 
 pytestmark = pytest.mark.timeout(60)
 
