@@ -45,7 +45,7 @@ RETRY = {"Retry-After": "1"}
 # KServe's InferenceRESTClient reads these fields and fails on an empty body.
 LIVE = b'{"live":true}'
 SERVER_READY = b'{"ready":true}'
-# under a model
+# What may follow /v2/models/{m}[/versions/1]/, and the method each takes.
 MODEL_VERBS = {"": "GET", "ready": "GET", "config": "GET", "stats": "GET", "infer": "POST"}
 
 
