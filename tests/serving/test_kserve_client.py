@@ -41,7 +41,9 @@ def ask(server: ServerProcess, call: Call) -> Any:
     return asyncio.run(main())
 
 
-def request(batch: np.ndarray, binary_in: bool, binary_out: bool, name: str = "images"):
+def request(
+    batch: np.ndarray, binary_in: bool, binary_out: bool, name: str = "images"
+) -> InferRequest:
     tensor = InferInput(name, list(batch.shape), "UINT8")
     tensor.set_data_from_numpy(batch, binary_data=binary_in)
     parameters = {"binary_data_output": True} if binary_out else None
