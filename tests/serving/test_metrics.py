@@ -56,3 +56,23 @@ def test_counters_and_batch_histogram_render_with_the_model_label() -> None:
     assert inferences[("tensorferry_inference_count_total", label)] == 20
     success = samples(text, "tensorferry_request_success")
     assert success[("tensorferry_request_success_total", label)] == 1
+
+
+def test_statistics_split_request_time_into_success_and_failure() -> None:
+    """Triton's $model_stat: successes are what the request histogram holds beyond failures."""
+    metrics = Metrics("seed_cnn", 8, {"backend": "onnxruntime"})
+    for seconds in (0.002, 0.003):  # answered 200
+        metrics.success.inc()
+        metrics.request_seconds.observe(seconds)
+    metrics.failed.add(0.05)  # a queue timeout
+    metrics.request_seconds.observe(0.05)
+    metrics.queue_seconds.observe(0.001)
+    metrics.request_phases.add((1.0, 1.0001, 1.0021, 1.0022), count=2)  # one batch, 2 requests
+    stats = metrics.statistics("seed_cnn")["inference_stats"]
+    assert stats["success"] == {"count": 2, "ns": 5_000_000}
+    assert stats["fail"] == {"count": 1, "ns": 50_000_000}
+    assert stats["queue"] == {"count": 1, "ns": 1_000_000}
+    # Each request of the batch is counted with the batch's whole phase.
+    assert stats["compute_input"] == {"count": 2, "ns": 200_000}
+    assert stats["compute_infer"] == {"count": 2, "ns": 4_000_000}
+    assert stats["compute_output"] == {"count": 2, "ns": 200_000}
