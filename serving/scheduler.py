@@ -224,4 +224,4 @@ class Scheduler:
 def _joined(pieces: dict[int, Outputs]) -> Outputs:
     """A split request's outputs, its parts in row order."""
     ordered = [pieces[start] for start in sorted(pieces)]
-    return {name: np.concatenate([piece[name] for piece in ordered]) for name in ordered[0]}
+    return {name: merge([piece[name] for piece in ordered]) for name in ordered[0]}

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from serving.batching import BatchQueue
+from serving.batching import BatchQueue, merge
 
 IDLE_LONG_AGO = float("-inf")
 BUSY = None
@@ -165,3 +166,14 @@ def test_every_row_comes_back_once_in_order_within_the_cap(
         assert [start for start, _ in ranges] == ([] if i in cancel else expected_starts)
         assert i in cancel or ranges[-1][1] == n  # every row of every request, once
     assert len(queue) == 0 and queue.rows == 0
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32, np.float16, np.bool_, np.int64])
+def test_merge_equals_concatenate(dtype) -> None:
+    rng = np.random.default_rng(0)
+    arrays = [(rng.random((n, 3, 2, 2)) * 100).astype(dtype) for n in (1, 4, 2)]
+    arrays[1] = arrays[1][::2]  # a non-contiguous view (rows 0 and 2) is copied, not refused
+    merged = merge(arrays)
+    assert merged.dtype == dtype and merged.shape == (5, 3, 2, 2)
+    np.testing.assert_array_equal(merged, np.concatenate(arrays))
+    assert merge(arrays[:1]) is arrays[0]  # a batch of one request is not copied
