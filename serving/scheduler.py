@@ -1,7 +1,7 @@
 """Runs batches off the event loop: the BatchQueue policy, worker threads, timers.
 
 The event loop parses requests, queues them and writes answers; each model instance has a
-worker thread that concatenates, calls its backend (onnxruntime releases the GIL) and takes
+worker thread that merges, calls its backend (onnxruntime releases the GIL) and takes
 its own next batch when the last one ends, so starting a batch never waits for the event
 loop to be scheduled. A request split among idle instances (see ``BatchQueue.take``) is
 answered when its last part ends, with its parts' outputs joined in row order. The event
