@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator
+from time import perf_counter, time
 from typing import Any
 
 from prometheus_client import (
@@ -178,7 +179,7 @@ class Metrics:
         self.failed = Duration()  # queued requests answered with an error (timeout, backend)
         self.request_phases = Phases()  # each request counted once, in its first batch
         self.batch_phases: dict[int, Phases] = {}  # by rows in the batch
-        self.last_inference_ms = 0  # wall clock of the last successful batch's end
+        self.last_batch_end: float | None = None  # perf_counter; wall clock derived on read
         self.inferences = LoopCounter(p + "inference_count", "Rows (images) inferred")
         self.executions = LoopCounter(p + "execution_count", "Backend executions (batches)")
         r.register(
@@ -221,6 +222,12 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    def _last_inference_ms(self) -> int:
+        """When the last successful batch ended, in ms since the epoch (0: none yet)."""
+        if self.last_batch_end is None:
+            return 0
+        return round((time() - (perf_counter() - self.last_batch_end)) * 1000)
+
     def statistics(self, model: str) -> dict[str, Any]:
         """Triton's ``$model_stat`` for ``model``: cumulative counts and nanoseconds."""
         queue = self.queue_seconds
@@ -231,7 +238,7 @@ class Metrics:
         return {
             "name": model,
             "version": "1",
-            "last_inference": self.last_inference_ms,
+            "last_inference": self._last_inference_ms(),
             "inference_count": self.inferences.value,
             "execution_count": self.executions.value,
             "inference_stats": {

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from time import perf_counter, time_ns
+from time import perf_counter
 
 import numpy as np
 
@@ -195,7 +195,7 @@ class Scheduler:
             if (phases := metrics.batch_phases.get(rows)) is None:
                 phases = metrics.batch_phases[rows] = Phases()
             phases.add(marks)
-            metrics.last_inference_ms = time_ns() // 1_000_000
+            metrics.last_batch_end = ended
         for i, (job, start, stop) in enumerate(parts):
             if not job.rows_left:  # answered: another part of this split request failed
                 continue
