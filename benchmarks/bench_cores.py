@@ -1,10 +1,11 @@
 """Where the cores go while a 2-thread server answers 64-image requests from 4 connections.
 
 Claim (serving/README.md, "Where the cores go"): session.run with 2 intra-op threads keeps
-only ~92 % of two cores busy (the model's serial stretches leave one idle); the server
-must also spend a few % of the cores in its event loop receiving 786 KB bodies, and wrk as
-much again sending them. One 2-thread instance therefore ends near 0.93x that ceiling,
-like the lean reference, while two 1-thread instances fill the cores and pass it.
+only ~92 % of two cores busy (for the rest one thread waits for the other); the server must
+also spend ~4 % of the cores in its event loop taking in 786 KB bodies, and wrk ~1 %
+sending them, and little of that fits into the idle time. One 2-thread instance therefore
+ends near 0.93x that ceiling, like the lean reference, while two 1-thread instances fill
+the cores and pass it.
 
 Per run it reads the CPU time of wrk (getrusage of the finished child) and of each of the
 server's threads (/proc/PID/task): the main thread is the event loop, the others are the
