@@ -1,4 +1,4 @@
-"""Where the cores go while a 2-thread server answers 64-image requests from 4 connections.
+"""Where the cores go while a 2-thread server is under load (64-image requests by default).
 
 Claim (serving/README.md, "Where the cores go"): session.run with 2 intra-op threads keeps
 only ~92 % of two cores busy (for the rest one thread waits for the other); the server must
@@ -10,9 +10,10 @@ the cores and pass it.
 Per run it reads the CPU time of wrk (getrusage of the finished child) and of each of the
 server's threads (/proc/PID/task): the main thread is the event loop, the others are the
 batch workers and onnxruntime's pool. Shares are of all the cores for the run's duration;
-idle is what nobody used. Layouts alternate run by run; medians over --rounds.
+idle is what nobody used. Layouts alternate run by run; medians over --rounds. With
+--images 1 --connections 64 it splits the single-image load the same way.
 
-    python benchmarks/bench_cores.py [--rounds 5] [--duration 5]
+    python benchmarks/bench_cores.py [--rounds 5] [--duration 5] [--images 64] [--connections 4]
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from bench_serving import (  # puts the repository on sys.path
 
 from serving.backends import load_onnxruntime
 
-ROWS, CONNECTIONS = 64, 4
+BATCH = 64  # the server's max batch size and the ceiling probes' batch
 CORES = len(os.sched_getaffinity(0))
 LAYOUTS = {  # name: (threads per instance, instances, lean)
     "server, 1 instance × 2 threads": (2, 1, False),
@@ -82,11 +83,13 @@ def ceiling_shares(probe: Callable[[], float]) -> dict:
     return {"img_s": img_s, "inference": busy / (CORES * (time.perf_counter() - start))}
 
 
-def server_shares(server: Server, body: tuple[Path, int], seconds: int) -> dict:
+def server_shares(
+    server: Server, body: tuple[Path, int], load: tuple[int, int], seconds: int
+) -> dict:
     """One wrk run against a server, with the cores split among wrk, loop and the rest."""
     pid = server.proc.pid
     before, wrk_before = thread_cpu(pid), cpu_seconds(resource.getrusage(resource.RUSAGE_CHILDREN))
-    result = server.load(body, ROWS, CONNECTIONS, seconds)
+    result = server.load(body, *load, seconds)
     after, wrk_after = thread_cpu(pid), cpu_seconds(resource.getrusage(resource.RUSAGE_CHILDREN))
     spent = {tid: cpu - before.get(tid, 0.0) for tid, cpu in after.items()}
     capacity = CORES * result["seconds"]
@@ -98,29 +101,32 @@ def server_shares(server: Server, body: tuple[Path, int], seconds: int) -> dict:
     return {"img_s": result["img_s"], **shares}
 
 
-def measure(model: Path, folder: Path, rounds: int, seconds: int) -> dict[str, list[dict]]:
-    body = write_body(folder, ROWS)
+def measure(
+    model: Path, folder: Path, load: tuple[int, int], rounds: int, seconds: int
+) -> dict[str, list[dict]]:
+    """Runs per layout and ceiling; ``load`` is (images per request, connections)."""
+    body = write_body(folder, load[0])
     two_threads = load_onnxruntime(model, "cpu", 2)
     one_thread_each = [load_onnxruntime(model, "cpu", 1) for _ in range(2)]
     ceilings = {
-        "session.run, 2 threads": lambda: ceiling_at(two_threads, ROWS, 1.5),
-        "two 1-thread session.run at once": lambda: parallel_ceiling(one_thread_each, ROWS, 1.5),
+        "session.run, 2 threads": lambda: ceiling_at(two_threads, BATCH, 1.5),
+        "two 1-thread session.run at once": lambda: parallel_ceiling(one_thread_each, BATCH, 1.5),
     }
     servers = {
-        name: Server(model, threads, ROWS, lean=lean, instances=instances)
+        name: Server(model, threads, BATCH, lean=lean, instances=instances)
         for name, (threads, instances, lean) in LAYOUTS.items()
     }
     runs: dict[str, list[dict]] = {name: [] for name in [*ceilings, *servers]}
     try:
         for server in servers.values():
-            server.load(body, ROWS, CONNECTIONS, 1)  # warm connections and caches
+            server.load(body, *load, 1)  # warm connections and caches
         for _ in range(rounds):
             for name, probe in ceilings.items():
                 runs[name].append(ceiling_shares(probe))
             for name, server in servers.items():
                 reference = ceilings["session.run, 2 threads"]
                 before = reference()
-                figures = server_shares(server, body, seconds)
+                figures = server_shares(server, body, load, seconds)
                 figures["ceiling"] = (before + reference()) / 2
                 runs[name].append(figures)
     finally:
@@ -150,14 +156,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="runs per layout (median)")
     parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
+    parser.add_argument("--images", type=int, default=64, help="images per request")
+    parser.add_argument("--connections", type=int, default=4)
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bench_cores_"))
     model = build_cnn(folder / "seed_cnn.onnx")
     print(f"machine: {machine()}\n")
-    runs = measure(model, folder, args.rounds, args.duration)
+    runs = measure(model, folder, (args.images, args.connections), args.rounds, args.duration)
     print(
-        f"{ROWS}-image requests, {CONNECTIONS} connections; shares are of all {CORES} cores, "
-        f"medians of {args.rounds} runs\n"
+        f"{args.images}-image requests, {args.connections} connections; ratios to batch-{BATCH} "
+        f"session.run; shares are of all {CORES} cores, medians of {args.rounds} runs\n"
     )
     print(table(COLUMNS, report(runs)))
 
