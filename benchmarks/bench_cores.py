@@ -116,6 +116,7 @@ def measure(
         name: Server(model, threads, BATCH, lean=lean, instances=instances)
         for name, (threads, instances, lean) in LAYOUTS.items()
     }
+    reference = ceilings["session.run, 2 threads"]  # every server run is set against it
     runs: dict[str, list[dict]] = {name: [] for name in [*ceilings, *servers]}
     try:
         for server in servers.values():
@@ -124,7 +125,6 @@ def measure(
             for name, probe in ceilings.items():
                 runs[name].append(ceiling_shares(probe))
             for name, server in servers.items():
-                reference = ceilings["session.run, 2 threads"]
                 before = reference()
                 figures = server_shares(server, body, load, seconds)
                 figures["ceiling"] = (before + reference()) / 2
