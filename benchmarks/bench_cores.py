@@ -29,8 +29,10 @@ from pathlib import Path
 
 from bench_serving import (  # puts the repository on sys.path
     Server,
+    bracketed,
     build_cnn,
     ceiling_at,
+    cpu_seconds,
     machine,
     parallel_ceiling,
     stop_server,
@@ -58,28 +60,27 @@ COLUMNS = (
 )
 
 
-def cpu_seconds(usage: resource.struct_rusage) -> float:
+def rusage_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
     return usage.ru_utime + usage.ru_stime
 
 
 def thread_cpu(pid: int) -> dict[int, float]:
     """CPU seconds of each thread of a process, by thread id."""
-    ticks = os.sysconf("SC_CLK_TCK")
     spent = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            spent[int(task.name)] = cpu_seconds(pid, f"task/{task.name}/stat")
         except OSError:  # the thread ended between listing and reading
             continue
-        spent[int(task.name)] = (int(fields[11]) + int(fields[12])) / ticks
     return spent
 
 
 def ceiling_shares(probe: Callable[[], float]) -> dict:
     """A session.run probe in this process: its img/s and how busy it kept the cores."""
-    cpu, start = cpu_seconds(resource.getrusage(resource.RUSAGE_SELF)), time.perf_counter()
+    cpu, start = rusage_seconds(resource.RUSAGE_SELF), time.perf_counter()
     img_s = probe()
-    busy = cpu_seconds(resource.getrusage(resource.RUSAGE_SELF)) - cpu
+    busy = rusage_seconds(resource.RUSAGE_SELF) - cpu
     return {"img_s": img_s, "inference": busy / (CORES * (time.perf_counter() - start))}
 
 
@@ -88,9 +89,9 @@ def server_shares(
 ) -> dict:
     """One wrk run against a server, with the cores split among wrk, loop and the rest."""
     pid = server.proc.pid
-    before, wrk_before = thread_cpu(pid), cpu_seconds(resource.getrusage(resource.RUSAGE_CHILDREN))
+    before, wrk_before = thread_cpu(pid), rusage_seconds(resource.RUSAGE_CHILDREN)
     result = server.load(body, *load, seconds)
-    after, wrk_after = thread_cpu(pid), cpu_seconds(resource.getrusage(resource.RUSAGE_CHILDREN))
+    after, wrk_after = thread_cpu(pid), rusage_seconds(resource.RUSAGE_CHILDREN)
     spent = {tid: cpu - before.get(tid, 0.0) for tid, cpu in after.items()}
     capacity = CORES * result["seconds"]
     shares = {
@@ -116,7 +117,7 @@ def measure(
         name: Server(model, threads, BATCH, lean=lean, instances=instances)
         for name, (threads, instances, lean) in LAYOUTS.items()
     }
-    reference = ceilings["session.run, 2 threads"]  # every server run is set against it
+    reference = {"2t": ceilings["session.run, 2 threads"]}  # every server run is set against it
     runs: dict[str, list[dict]] = {name: [] for name in [*ceilings, *servers]}
     try:
         for server in servers.values():
@@ -125,10 +126,8 @@ def measure(
             for name, probe in ceilings.items():
                 runs[name].append(ceiling_shares(probe))
             for name, server in servers.items():
-                before = reference()
-                figures = server_shares(server, body, load, seconds)
-                figures["ceiling"] = (before + reference()) / 2
-                runs[name].append(figures)
+                run = bracketed(lambda s=server: server_shares(s, body, load, seconds), reference)
+                runs[name].append(run)
     finally:
         for server in servers.values():
             stop_server(server.proc)
@@ -141,7 +140,7 @@ def report(runs: dict[str, list[dict]]) -> list[list]:
     for name, figures in runs.items():
         for run in figures:
             # A server run is set against the probes taken around it, a ceiling against the median.
-            run["ratio"] = run["img_s"] / run.get("ceiling", two_thread_ceiling)
+            run["ratio"] = run.get("ratio_2t", run["img_s"] / two_thread_ceiling)
             run["idle"] = 1 - sum(run.get(k, 0.0) for k in ("wrk", "event loop", "inference"))
         medians = {k: statistics.median(r[k] for r in figures) for k in figures[0]}
         shares = [

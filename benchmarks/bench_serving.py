@@ -203,8 +203,9 @@ def stop_server(proc: subprocess.Popen) -> None:
     proc.wait(30)
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, stat: str = "stat") -> float:
+    """User + system CPU seconds of a process, or of one of its threads (stat="task/TID/stat")."""
+    fields = Path(f"/proc/{pid}/{stat}").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
