@@ -1,27 +1,34 @@
-# Two commands on a fresh clone: `make run` (the pipeline) and `make test` (the suite).
-# Each creates .venv on first use. GPU hosts: make TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" run
+# Two commands on a fresh clone: `make run` (the pipeline) and `make test` (linters, then the suite).
+# Each sets up .venv on first use: `run` installs what the pipeline needs, `test` adds the
+# server and the test tools on top. GPU hosts:
+#   make TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" run
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+PIPELINE_STAMP := $(VENV)/.installed-pipeline
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: run test lint setup
 
-setup: $(STAMP)
+setup: $(TEST_STAMP)
 
-$(STAMP): pyproject.toml
+$(PIPELINE_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e ".[train]"
+	touch $@
+
+$(TEST_STAMP): $(PIPELINE_STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[train,serve,dev]"
 	touch $@
 
-run: $(STAMP)
+run: $(PIPELINE_STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro
 
-test: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" python -m pytest
+lint: $(TEST_STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
-lint: $(STAMP)
-	$(BIN)/ruff check pipeline serving tests benchmarks
-	$(BIN)/ruff format --check pipeline serving tests benchmarks
+test: lint
+	PATH="$(CURDIR)/$(BIN):$$PATH" python -m pytest
