@@ -81,6 +81,18 @@ def test_repro_produces_metrics_and_a_clean_status(repo):
     assert "val" in workspace["dvclive/metrics.json"]["data"]
 
 
+def test_a_changed_helper_makes_the_stages_that_import_it_stale(repo):
+    helper = repo / "pipeline" / "distributed.py"  # sets the batch order, hence the weights
+    original = helper.read_text()
+    helper.write_text(original + "\n# changed\n")
+    try:
+        stale = json.loads(sh("dvc", "status", "--json", cwd=repo).stdout)
+    finally:
+        helper.write_text(original)
+    assert set(stale) == {"train", "evaluate"}  # evaluate imports pipeline.train
+    assert json.loads(sh("dvc", "status", "--json", cwd=repo).stdout) == {}
+
+
 def test_plots_render_offline(repo):
     sh("dvc", "plots", "show", "-o", "plots_out", cwd=repo)
     page = (repo / "plots_out" / "index.html").read_text()
