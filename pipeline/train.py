@@ -25,7 +25,7 @@ from pipeline.dataset import DEFAULT_DIR, Meta, Split, load_meta, load_split
 from pipeline.distributed import World, all_sum, process_group, shard_batches, world_from_env
 from pipeline.errors import StageError, exit_on_stage_error, run_command
 from pipeline.models import Classifier, ModelSpec
-from pipeline.params import DEFAULT_PARAMS, ModelParams, TrainParams, as_dict, load_params
+from pipeline.params import ModelParams, TrainParams, as_dict, load_with_overrides
 
 DEFAULT_LIVE_DIR = Path("dvclive")
 
@@ -77,8 +77,11 @@ def build_schedule(
     optimizer: torch.optim.Optimizer, params: TrainParams, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
     if params.schedule == "onecycle":
+        # OneCycleLR divides by zero when its warm-up ends at step 0, which a quarter of a
+        # 4-step run does; such a run warms up a little longer.
+        pct_start = 0.3 if total_steps == 4 else 0.25
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=params.lr, total_steps=total_steps, pct_start=0.25
+            optimizer, max_lr=params.lr, total_steps=total_steps, pct_start=pct_start
         )
     if params.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
@@ -272,8 +275,13 @@ def _fit_logged(
 @exit_on_stage_error
 def command(
     params_file: Annotated[
-        Path, typer.Option("--params", help="params.yaml to read `model` and `train` from.")
-    ] = DEFAULT_PARAMS,
+        Path | None,
+        typer.Option(
+            "--params",
+            help="params.yaml to read `model` and `train` from (default: ./params.yaml when "
+            "it exists, else the built-in defaults, which are params.yaml's).",
+        ),
+    ] = None,
     data_dir: Annotated[Path, typer.Option(help="Prepared data directory.")] = DEFAULT_DIR,
     checkpoint: Annotated[
         Path, typer.Option(help="Where to write the checkpoint.")
@@ -283,8 +291,8 @@ def command(
     ] = DEFAULT_LIVE_DIR,
 ) -> None:
     """Train the configured model and write a weights-only checkpoint."""
-    model_params = load_params("model", ModelParams, params_file)
-    train_params = load_params("train", TrainParams, params_file)
+    model_params = load_with_overrides("model", ModelParams, params_file)
+    train_params = load_with_overrides("train", TrainParams, params_file)
     history = train(model_params, train_params, data_dir, checkpoint, live_dir)
     if world_from_env().is_main:
         typer.echo(

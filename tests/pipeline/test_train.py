@@ -5,7 +5,7 @@ import torch
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.params import ModelParams, TrainParams
-from pipeline.train import random_translate, train
+from pipeline.train import build_optimizer, build_schedule, random_translate, train
 
 QUICK = TrainParams(epochs=3, batch_size=16, lr=3e-3, augment=True, seed=3)
 
@@ -127,3 +127,14 @@ def test_trains_on_the_gpu_in_bf16_channels_last(tmp_path, prepared_dir, model):
     checkpoint = load_checkpoint(out / "checkpoint.pt")
     assert all(t.device.type == "cpu" for t in checkpoint.state_dict.values())
     assert checkpoint.build().network is not None  # loads and rebuilds on a CPU-only reader
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "constant"])
+def test_every_schedule_runs_any_number_of_steps(schedule):
+    for total_steps in range(1, 50):  # tiny data sets make runs of a few steps
+        model = torch.nn.Linear(2, 2)
+        optimizer = build_optimizer(model, TrainParams())
+        lr_schedule = build_schedule(optimizer, TrainParams(schedule=schedule), total_steps)
+        for _ in range(total_steps):
+            optimizer.step()
+            lr_schedule.step()
