@@ -2,7 +2,8 @@
 
 Each split holds ``x`` (uint8, N x C x H x W) and ``y`` (int64 class indices).
 ``meta.json`` holds class names, input shape, train-split mean/std (on the [0, 1]
-scale), split sizes, the data fingerprint and the source description.
+scale), split sizes, the data fingerprint, the source description and the conversions
+applied to the source's images (channels, resize).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Meta:
     split_sizes: dict[str, int]
     fingerprint: str
     source: dict[str, Any]
+    conversions: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -45,6 +47,7 @@ class Meta:
             "split_sizes": self.split_sizes,
             "fingerprint": self.fingerprint,
             "source": self.source,
+            "conversions": list(self.conversions),
         }
 
 
@@ -62,6 +65,7 @@ def load_meta(directory: Path = DEFAULT_DIR) -> Meta:
             split_sizes=dict(raw["split_sizes"]),
             fingerprint=str(raw["fingerprint"]),
             source=dict(raw["source"]),
+            conversions=tuple(raw.get("conversions", ())),
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise StageError(f"{path} is malformed: {exc}") from None

@@ -14,7 +14,7 @@ from pipeline.artifacts import atomic_path, write_json
 from pipeline.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from pipeline.dataset import DEFAULT_DIR, load_meta, load_split
 from pipeline.errors import StageError, exit_on_stage_error, run_command
-from pipeline.params import DEFAULT_PARAMS, EvaluateParams, load_params
+from pipeline.params import EvaluateParams, load_with_overrides
 from pipeline.train import DEFAULT_LIVE_DIR
 
 DEFAULT_REPORTS = Path("reports")
@@ -158,8 +158,13 @@ def _save_figure(fig, path: Path) -> None:  # noqa: ANN001 - matplotlib Figure
 @exit_on_stage_error
 def command(
     params_file: Annotated[
-        Path, typer.Option("--params", help="params.yaml to read the `evaluate` section from.")
-    ] = DEFAULT_PARAMS,
+        Path | None,
+        typer.Option(
+            "--params",
+            help="params.yaml to read the `evaluate` section from (default: ./params.yaml when "
+            "it exists, else the built-in defaults, which are params.yaml's).",
+        ),
+    ] = None,
     data_dir: Annotated[Path, typer.Option(help="Prepared data directory.")] = DEFAULT_DIR,
     checkpoint: Annotated[Path, typer.Option(help="Checkpoint to evaluate.")] = DEFAULT_CHECKPOINT,
     live_dir: Annotated[
@@ -170,7 +175,7 @@ def command(
     ] = DEFAULT_REPORTS,
 ) -> None:
     """Evaluate the checkpoint on the test split."""
-    params = load_params("evaluate", EvaluateParams, params_file)
+    params = load_with_overrides("evaluate", EvaluateParams, params_file)
     metrics = evaluate(params, data_dir, checkpoint, live_dir, reports)
     typer.echo(
         f"test accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['f1_macro']:.4f}, "

@@ -1,5 +1,9 @@
 """Typed, frozen views of ``params.yaml``: one dataclass per section, one strict loader.
 
+The dataclass defaults are the defaults: ``params.yaml`` repeats them so that `dvc params
+diff` and experiments show every value, and a test keeps the two (and the README's params
+reference) equal, so a stage run without a params file behaves as `dvc repro` does.
+
 The loader rejects unknown keys and wrong types and names the offending key, so a typo
 in ``params.yaml`` fails the stage instead of silently falling back to a default.
 """
@@ -23,8 +27,8 @@ T = TypeVar("T")
 class DataParams:
     source: Literal["digits", "cifar10", "imagefolder"] = "digits"
     path: str | None = None  # archive (cifar10) or root directory (imagefolder)
-    image_size: int | None = None  # square resize; None keeps the native size
-    channels: Literal[1, 3] | None = None  # None keeps the source's channel count
+    image_size: int | None = None  # square resize; None keeps the source's own size
+    channels: Literal[1, 3] | None = None  # None keeps the source's own channel count
     val_fraction: float = 0.1
     test_fraction: float = 0.2  # used only when the source has no test split
     max_per_class: int | None = None  # cap per class and split, for quick runs
@@ -40,15 +44,15 @@ class ModelParams:
 
 @dataclasses.dataclass(frozen=True)
 class TrainParams:
-    epochs: int = 10
-    batch_size: int = 64
+    epochs: int = 20
+    batch_size: int = 32
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = 1e-3
+    lr: float = 2e-3
     momentum: float = 0.9  # sgd only
     weight_decay: float = 0.0
     schedule: Literal["constant", "cosine", "onecycle"] = "onecycle"
     label_smoothing: float = 0.0
-    augment: bool = False  # random translation by up to 2 pixels
+    augment: bool = True  # random translation by up to 2 pixels
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
 
@@ -156,7 +160,7 @@ class EngineParams:
     # Never guessed from the host: DVC caches outputs by params, and a machine-dependent
     # choice behind unchanged params would let it serve one host's artifact to another.
     target: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
-    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    precision: Literal["fp32", "fp16", "int8"] = "int8"
     min_batch: int = 1  # tensorrt: optimisation profile of the batch dimension
     opt_batch: int = 32
     max_batch: int = 64

@@ -12,7 +12,7 @@ import typer
 from pipeline.artifacts import atomic_path, write_json
 from pipeline.dataset import DEFAULT_DIR, SPLITS, Meta
 from pipeline.errors import StageError, exit_on_stage_error, run_command
-from pipeline.params import DEFAULT_PARAMS, DataParams, as_dict, load_params
+from pipeline.params import DataParams, as_dict, load_with_overrides
 from pipeline.sources import RawData, load_source
 
 
@@ -22,7 +22,7 @@ def prepare(params: DataParams, out: Path = DEFAULT_DIR) -> Meta:
     splits = split_data(raw, params)
     splits = {name: _cap_per_class(x, y, params.max_per_class) for name, (x, y) in splits.items()}
     _check_every_class_present(splits, raw.class_names)
-    meta = _describe(splits, raw.class_names, params)
+    meta = _describe(splits, raw, params)
     with atomic_path(Path(out)) as tmp:
         tmp.mkdir()
         for name, (x, y) in splits.items():
@@ -80,10 +80,9 @@ def _check_every_class_present(
 
 
 def _describe(
-    splits: dict[str, tuple[np.ndarray, np.ndarray]],
-    class_names: tuple[str, ...],
-    params: DataParams,
+    splits: dict[str, tuple[np.ndarray, np.ndarray]], raw: RawData, params: DataParams
 ) -> Meta:
+    class_names = raw.class_names
     x_train = splits["train"][0]
     scaled = x_train.astype(np.float64) / 255.0
     mean = scaled.mean(axis=(0, 2, 3))
@@ -101,20 +100,29 @@ def _describe(
         split_sizes={name: int(len(splits[name][1])) for name in SPLITS},
         fingerprint=digest.hexdigest(),
         source=as_dict(params),
+        conversions=raw.conversions,
     )
 
 
 @exit_on_stage_error
 def command(
     params_file: Annotated[
-        Path, typer.Option("--params", help="params.yaml to read the `data` section from.")
-    ] = DEFAULT_PARAMS,
+        Path | None,
+        typer.Option(
+            "--params",
+            help="params.yaml to read the `data` section from (default: ./params.yaml when "
+            "it exists, else the built-in defaults, which are params.yaml's).",
+        ),
+    ] = None,
     out: Annotated[
         Path, typer.Option(help="Directory for {train,val,test}.npz and meta.json.")
     ] = DEFAULT_DIR,
 ) -> None:
     """Prepare the data set: load the source, split it stratified, write uint8 arrays."""
-    meta = prepare(load_params("data", DataParams, params_file), out)
+    params = load_with_overrides("data", DataParams, params_file)
+    meta = prepare(params, out)
+    for conversion in meta.conversions:
+        typer.echo(f"{params.source}: {conversion}")
     sizes = ", ".join(f"{k} {v}" for k, v in meta.split_sizes.items())
     typer.echo(f"prepared {len(meta.class_names)} classes, shape {meta.input_shape}: {sizes}")
 

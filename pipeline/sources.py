@@ -11,6 +11,7 @@ import io
 import pickle
 import tarfile
 import urllib.request
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,10 @@ from pipeline.errors import StageError
 from pipeline.params import DataParams
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+# scikit-learn's digits are 8x8, below what the convolutional models take (seed_cnn needs
+# 18x18), so this source presents them at 32x32 unless data.image_size says otherwise.
+DIGITS_SIZE = 32
+GRAY_MODES = ("1", "L", "I", "I;16", "F")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_CACHE = Path.home() / ".cache" / "tensorferry" / "cifar-10-python.tar.gz"
@@ -30,6 +35,7 @@ CIFAR10_CACHE = Path.home() / ".cache" / "tensorferry" / "cifar-10-python.tar.gz
 class RawData:
     class_names: tuple[str, ...]
     splits: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (x uint8 NCHW, y int64)
+    conversions: tuple[str, ...] = ()  # what was done to the source's images, for the log
 
 
 def load_source(params: DataParams) -> RawData:
@@ -50,9 +56,12 @@ def load_digits(params: DataParams) -> RawData:
 
     bunch = sklearn_digits()
     pixels = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None, :, :]
-    x = conform(pixels, params.channels, params.image_size)
+    size, size_from = params.image_size, "data.image_size"
+    if size is None:
+        size, size_from = DIGITS_SIZE, "this source's size; data.image_size changes it"
+    x, conversions = conform(pixels, params.channels, size, size_from)
     names = tuple(str(n) for n in bunch.target_names)
-    return RawData(names, {"all": (x, bunch.target.astype(np.int64))})
+    return RawData(names, {"all": (x, bunch.target.astype(np.int64))}, conversions)
 
 
 # ---------------------------------------------------------------- cifar10
@@ -106,15 +115,12 @@ def load_cifar10(params: DataParams) -> RawData:
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise StageError(f"{path} is not a readable .tar.gz archive: {exc}") from None
     names = tuple(n.decode() for n in meta[b"label_names"])
-    x_train = np.concatenate([x for x, _ in train])
-    y_train = np.concatenate([y for _, y in train])
-    return RawData(
-        names,
-        {
-            "train": (conform(x_train, params.channels, params.image_size), y_train),
-            "test": (conform(test[0], params.channels, params.image_size), test[1]),
-        },
+    x_train, conversions = conform(
+        np.concatenate([x for x, _ in train]), params.channels, params.image_size
     )
+    x_test, _ = conform(test[0], params.channels, params.image_size)
+    y_train = np.concatenate([y for _, y in train])
+    return RawData(names, {"train": (x_train, y_train), "test": (x_test, test[1])}, conversions)
 
 
 def md5_file(path: Path) -> str:
@@ -166,7 +172,7 @@ def load_imagefolder(params: DataParams) -> RawData:
         split: _read_class_folders(folder, class_names, decoder)
         for split, folder in split_dirs.items()
     }
-    return RawData(class_names, splits)
+    return RawData(class_names, splits, decoder.conversions())
 
 
 def _class_names(split_dirs: dict[str, Path]) -> tuple[str, ...]:
@@ -200,12 +206,19 @@ def _read_class_folders(
 
 
 class _ImageDecoder:
-    """Decode one file to uint8 CHW with one channel count and size for the whole set."""
+    """Decode one file to uint8 CHW with one channel count and size for the whole set.
+
+    Without data.channels the first image's channel count holds for the set; without
+    data.image_size, so does its size (a different one is an error). Every conversion is
+    counted, so the stage can say what it did to the user's images.
+    """
 
     def __init__(self, channels: int | None, size: int | None) -> None:
         self.channels = channels
+        self.channels_from = "data.channels" if channels else "the first image's"
         self.resize = size is not None
         self.size: tuple[int, int] | None = (size, size) if size else None
+        self.converted: Counter[str] = Counter()
 
     def __call__(self, path: Path) -> np.ndarray:
         from PIL import Image, UnidentifiedImageError
@@ -213,11 +226,13 @@ class _ImageDecoder:
         try:
             with Image.open(path) as image:
                 image.load()
-                if self.channels is None:
-                    self.channels = 1 if image.mode in ("1", "L", "I", "I;16", "F") else 3
+                native = _native_channels(image.mode)
+                self.channels = self.channels or native
                 converted = image.convert("L" if self.channels == 1 else "RGB")
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise StageError(f"cannot decode image {path}: {exc}") from None
+        if native != self.channels:
+            self.converted[("converted", _CHANNELS[native], _CHANNELS[self.channels])] += 1
         self.size = self.size or converted.size
         if converted.size != self.size:
             if not self.resize:
@@ -225,20 +240,51 @@ class _ImageDecoder:
                     f"image {path} is {converted.size[0]}x{converted.size[1]}, others are "
                     f"{self.size[0]}x{self.size[1]}; set data.image_size to resize"
                 )
+            self.converted[("resized", _size(converted.size), _size(self.size))] += 1
             converted = converted.resize(self.size, Image.Resampling.BILINEAR)
         pixels = np.asarray(converted, dtype=np.uint8)
         return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+    def conversions(self) -> tuple[str, ...]:
+        why = {"converted": self.channels_from, "resized": "data.image_size"}
+        return tuple(
+            f"{verb} {count} images from {native} to {target} ({why[verb]})"
+            for (verb, native, target), count in sorted(self.converted.items())
+        )
+
+
+_CHANNELS = {1: "grayscale", 3: "RGB"}
+
+
+def _native_channels(mode: str) -> int:
+    return 1 if mode in GRAY_MODES else 3
+
+
+def _size(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
 
 
 # ---------------------------------------------------------------- shared
 
 
-def conform(x: np.ndarray, channels: int | None, size: int | None) -> np.ndarray:
-    """Convert uint8 NCHW images to the configured channel count and square size."""
+def conform(
+    x: np.ndarray, channels: int | None, size: int | None, size_from: str = "data.image_size"
+) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Convert uint8 NCHW images to the channel count and square size asked for (None keeps
+    the images' own); returns them and a note per conversion applied."""
     n, c, h, w = x.shape
     target_c = channels or c
-    if target_c == c and (size is None or (h, w) == (size, size)):
-        return x
+    notes = []
+    if target_c != c:
+        notes.append(
+            f"converted every image from {_CHANNELS[c]} to {_CHANNELS[target_c]} (data.channels)"
+        )
+    if size is not None and (h, w) != (size, size):
+        notes.append(
+            f"resized every image from {_size((w, h))} to {_size((size, size))} ({size_from})"
+        )
+    if not notes:
+        return x, ()
     from PIL import Image
 
     mode_in = "L" if c == 1 else "RGB"
@@ -251,4 +297,4 @@ def conform(x: np.ndarray, channels: int | None, size: int | None) -> np.ndarray
             image = image.resize((size, size), Image.Resampling.BILINEAR)
         arr = np.asarray(image, dtype=np.uint8)
         out[i] = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    return out
+    return out, tuple(notes)

@@ -1,3 +1,4 @@
+import shutil
 import subprocess
 import sys
 
@@ -5,6 +6,7 @@ import typer
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from tests.conftest import REPO_ROOT
 
 
 def test_every_stage_is_a_subcommand_with_help():
@@ -33,6 +35,18 @@ def test_prepare_via_cli_writes_the_data(tmp_path):
     assert result.exit_code == 0, result.output
     assert "prepared 10 classes" in result.output
     assert (tmp_path / "out" / "meta.json").is_file()
+
+
+def test_prepare_without_a_params_file_does_what_dvc_repro_does(tmp_path):
+    """No params.yaml in the working directory: the built-in defaults, which are the repo's."""
+    with_file, without = tmp_path / "with", tmp_path / "without"
+    for cwd in (with_file, without):
+        cwd.mkdir()
+    shutil.copy(REPO_ROOT / "params.yaml", with_file / "params.yaml")
+    for cwd in (with_file, without):
+        subprocess.run([sys.executable, "-m", "pipeline.prepare"], cwd=cwd, check=True)
+    meta = "data/prepared/meta.json"
+    assert (with_file / meta).read_bytes() == (without / meta).read_bytes()
 
 
 def test_bad_params_give_one_line_and_exit_1(tmp_path):

@@ -34,6 +34,7 @@ def _cuda() -> bool:
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 needs_tensorrt = pytest.mark.skipif(not HAS_TENSORRT, reason="TensorRT is not installed")
 needs_gpu = pytest.mark.skipif(not _cuda(), reason="no CUDA GPU visible to torch")
+FP32 = EngineParams(precision="fp32")  # the default is int8; fp32 is compared with itself
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def listing(path):
 
 def test_onnxruntime_target_writes_optimized_model_sidecar_and_report(shared, tmp_path):
     out, report_path = tmp_path / "engine", tmp_path / "engine.json"
-    report = engine.build_engine(EngineParams(), shared.onnx_dir, out, shared.data_dir, report_path)
+    report = engine.build_engine(FP32, shared.onnx_dir, out, shared.data_dir, report_path)
     assert listing(out) == ["model.optimized.onnx", "model.optimized.onnx.json"]
     written = json.loads(report_path.read_text())
     assert written == {k: v for k, v in report.items() if k != "build_seconds"}  # no wall time

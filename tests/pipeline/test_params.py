@@ -1,9 +1,20 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline.errors import StageError
-from pipeline.params import DataParams, ModelParams, TrainParams, load_params
+from pipeline.params import (
+    DataParams,
+    EngineParams,
+    EvaluateParams,
+    ExportParams,
+    ModelParams,
+    TrainParams,
+    as_dict,
+    load_params,
+)
+from tests.conftest import REPO_ROOT
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -69,3 +80,52 @@ def test_repository_params_load():
     assert load_params("data", DataParams, root / "params.yaml").source == "digits"
     assert load_params("model", ModelParams, root / "params.yaml").name == "seed_cnn"
     load_params("train", TrainParams, root / "params.yaml")
+
+
+SECTIONS = {
+    "data": DataParams,
+    "model": ModelParams,
+    "train": TrainParams,
+    "evaluate": EvaluateParams,
+    "export": ExportParams,
+    "engine": EngineParams,
+}
+
+
+def test_params_yaml_repeats_the_code_defaults_exactly():
+    """A stage run without params.yaml (`tensorferry train`) must do what `dvc repro` does."""
+    document = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    assert set(document) == set(SECTIONS)
+    for section, cls in SECTIONS.items():
+        assert document[section] == as_dict(cls()), f"params.yaml {section} vs {cls.__name__}"
+
+
+def readme_defaults(section: str) -> dict[str, object]:
+    """The `key | default | meaning` rows of the README's table for ``section``."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    table = readme.split(f"### `{section}` (", 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| `")]
+    defaults: dict[str, object] = {}
+    for keys, default, *_ in rows:
+        names = [k.strip("| `") for k in keys.split(" / ")]
+        values = default.split(" / ") if len(names) > 1 else [default]
+        for name, value in zip(names, values, strict=True):
+            defaults[name] = _scalar(value.strip("` "))
+    return defaults
+
+
+def _scalar(text: str) -> object:
+    value = yaml.safe_load(text)
+    try:  # YAML 1.1 reads 1e-4 as a string
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
+
+
+@pytest.mark.parametrize("section", sorted(SECTIONS))
+def test_readme_params_reference_shows_the_code_defaults(section):
+    expected = {
+        key: list(value) if isinstance(value, tuple) else value
+        for key, value in as_dict(SECTIONS[section]()).items()
+    }
+    assert readme_defaults(section) == expected

@@ -1,6 +1,8 @@
 import io
 import json
 import pickle
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -16,8 +18,11 @@ from tests.conftest import write_imagefolder
 
 
 def test_digits_default_is_stratified_and_described(tmp_path):
-    meta = prepare(DataParams(image_size=32, channels=1), tmp_path / "out")
-    assert meta.input_shape == (1, 32, 32)
+    meta = prepare(DataParams(), tmp_path / "out")
+    assert meta.input_shape == (1, 32, 32)  # the source's own size: its 8x8 scans upscaled
+    assert meta.conversions == (
+        "resized every image from 8x8 to 32x32 (this source's size; data.image_size changes it)",
+    )
     assert meta.class_names == tuple(str(d) for d in range(10))
     assert sum(meta.split_sizes.values()) == 1797
     assert meta.split_sizes["test"] == 360
@@ -49,13 +54,37 @@ def test_imagefolder_with_splits_converts_channels_and_size(tmp_path):
     assert meta.class_names == ("cat", "dog", "owl")
     assert meta.input_shape == (3, 24, 24)
     assert meta.split_sizes == {"train": 24, "val": 6, "test": 30}
+    assert meta.conversions == ("resized 60 images from 20x20 to 24x24 (data.image_size)",)
 
 
-def test_imagefolder_flat_layout_and_native_size(tmp_path):
+def test_imagefolder_flat_layout_keeps_the_images_own_channels_and_size(tmp_path):
     root = write_imagefolder(tmp_path / "img", per_class=10, splits=None, suffix=".jpg")
     meta = prepare(DataParams(source="imagefolder", path=str(root)), tmp_path / "out")
     assert meta.input_shape == (3, 20, 20)  # JPEGs were saved as RGB
     assert sum(meta.split_sizes.values()) == 30
+    assert meta.conversions == ()
+
+
+def test_every_conversion_is_printed_and_recorded(tmp_path):
+    from PIL import Image
+
+    root = write_imagefolder(tmp_path / "img", per_class=10)  # RGB PNGs, 20x20
+    Image.new("L", (30, 30)).save(root / "train" / "cat" / "big.png")
+    params = tmp_path / "params.yaml"
+    params.write_text(f"data:\n  source: imagefolder\n  path: {root}\n  image_size: 20\n")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.prepare", "--params", str(params), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    notes = [
+        "converted 1 images from grayscale to RGB (the first image's)",
+        "resized 1 images from 30x30 to 20x20 (data.image_size)",
+    ]
+    assert [f"imagefolder: {note}" for note in notes] == result.stdout.splitlines()[:2]
+    assert json.loads((out / "meta.json").read_text())["conversions"] == notes
 
 
 def test_max_per_class_caps_every_split(tmp_path):
@@ -93,7 +122,7 @@ def test_cifar10_archive_is_read_in_the_official_layout(tmp_path):
     archive = cifar_archive(tmp_path / "cifar-10-python.tar.gz")
     meta = prepare(DataParams(source="cifar10", path=str(archive)), tmp_path / "out")
     assert meta.class_names[0] == "airplane" and len(meta.class_names) == 10
-    assert meta.input_shape == (3, 32, 32)
+    assert meta.input_shape == (3, 32, 32) and meta.conversions == ()  # colour kept
     assert meta.split_sizes["test"] == 20
     assert meta.split_sizes["train"] + meta.split_sizes["val"] == 100
 
