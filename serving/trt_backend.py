@@ -14,9 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from serving.backends import check_io
 from serving.compat import EngineError, HostInfo, check_plan, load_sidecar
-from serving.contract import ContractError, ModelContract
+from serving.contract import ContractError, ModelContract, check_io
 from serving.protocol import DATATYPES, TensorSpec
 
 _TRT_TYPES = {
@@ -152,7 +151,10 @@ def load_tensorrt(path: Path) -> TensorRTBackend:
     if engine is None:
         raise EngineError(f"TensorRT could not deserialize {path} (see its log line above)")
     inputs, outputs = _specs(trt, engine)
-    check_io(contract, inputs, str(path))
+    try:
+        check_io(contract, inputs, str(path))
+    except ContractError as exc:
+        raise EngineError(str(exc)) from None
     max_batch = int(engine.get_tensor_profile_shape(inputs[0].name, 0)[2][0])
     info = {
         "backend": "tensorrt",
