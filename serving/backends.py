@@ -70,6 +70,10 @@ class Backend(Protocol):
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]: ...
 
+    def close(self) -> None:
+        """Free what the backend holds (sessions, device memory, streams); idempotent."""
+        ...
+
 
 @dataclass
 class OnnxRuntimeBackend:
@@ -82,9 +86,15 @@ class OnnxRuntimeBackend:
     max_batch: int | None = None
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        if self.session is None:
+            raise EngineError("this onnxruntime backend has been closed")
         names = [o.name for o in self.outputs]
         values = self.session.run(names, {self.inputs[0].name: batch})
         return dict(zip(names, values, strict=True))
+
+    def close(self) -> None:
+        # onnxruntime frees the session's memory when the last reference to it goes.
+        self.session = None
 
 
 def _spec(node: Any, what: str) -> TensorSpec:
