@@ -34,7 +34,9 @@ from pipeline.errors import StageError, exit_on_stage_error, run_command
 from pipeline.onnx_tools import ONNX_DIR as DEFAULT_ONNX
 from pipeline.onnx_tools import VARIANT_FILES
 from pipeline.params import EngineParams, load_with_overrides
-from serving.contract import SIDECAR_SUFFIX, ModelContract
+from serving.compat import EngineError
+from serving.contract import LOGITS_NAME, SIDECAR_SUFFIX, ModelContract
+from serving.trt_backend import open_plan
 
 DEFAULT_OUT = Path("models/engine")
 DEFAULT_REPORT = Path("reports/engine.json")
@@ -145,6 +147,7 @@ def optimize_onnxruntime(
 def prepare_tensorrt(onnx: Path, params: EngineParams) -> Prepared:
     trt = tensorrt_build.require_tensorrt()
     gpu = tensorrt_build.require_cuda_gpu()
+    tensorrt_build.require_cuda_python()
     tensorrt_build.check_options(params, gpu.compute_capability)
     major = tensorrt_build.major_version(trt.__version__)
     plan = tensorrt_build.plan_build(major, params.precision)
@@ -175,11 +178,24 @@ def prepare_tensorrt(onnx: Path, params: EngineParams) -> Prepared:
             onnx_sha256=sha256_file(source.path),
         )
         write_json(sidecar_path, sidecar)
-        return lambda x: tensorrt_build.run_plan(
-            trt, serialized, x, profile, params.version_compatible
-        )
+        return lambda x: plan_logits(serialized, sidecar, engine_path, x)
 
     return Prepared(source, build)
+
+
+def plan_logits(
+    plan: bytes, sidecar: dict[str, Any], engine_path: Path, x: np.ndarray
+) -> np.ndarray:
+    """Logits for ``x`` from the server's own TensorRT runner, closed afterwards.
+
+    The runner takes chunks of the profile's max batch and pads the last one up to its min
+    batch; the padding's logits are dropped.
+    """
+    try:
+        with contextlib.closing(open_plan(plan, sidecar, engine_path)) as runner:
+            return runner.run(x)[LOGITS_NAME].astype(np.float32, copy=False)
+    except EngineError as exc:
+        raise StageError(f"running the TensorRT plan over the test split: {exc}") from None
 
 
 TARGETS: dict[str, Callable[[Path, EngineParams], Prepared]] = {

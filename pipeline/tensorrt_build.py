@@ -3,9 +3,10 @@
 The decisions are pure functions, tested on CPU: which ONNX variant and builder flags give
 a precision on each TensorRT major (10: weak typing with FP16/INT8 flags; 11: strongly
 typed only, so precision comes from the fp16 or Q/DQ int8 ONNX), the profile shapes, the
-sidecar, and the one-line errors for a missing TensorRT or GPU. The calls into
-TensorRT itself (``build_serialized``, ``run_plan``) need both and are tested on GPU
-hosts only (``pytest -m tensorrt``; ``scripts/gpu-check``).
+sidecar, and the one-line errors for a missing TensorRT, GPU or cuda-python. The build
+(``build_serialized``) needs both and is tested on GPU hosts only (``pytest -m tensorrt``;
+``scripts/gpu-check``); the built plan is run by the server's own runner
+(serving/trt_backend.py), so the stage measures what will be served.
 
 The plan stays a pure TensorRT plan: a header in front of it would make TensorRT reject
 it ("Magic tag does not match"), so everything else goes into ``<plan>.json``.
@@ -18,30 +19,18 @@ import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pipeline.artifacts import atomic_path
 from pipeline.errors import StageError
 from pipeline.params import EngineParams
-from serving.contract import INPUT_NAME, LOGITS_NAME, ModelContract
+from serving.compat import EngineError
+from serving.contract import ModelContract
+from serving.trt_backend import TRT_DATATYPES, cuda_runtime
 
 TENSORRT_MISSING = (
     "engine.target=tensorrt needs TensorRT's Python package, which is not installed: "
     "`pip install tensorrt` on x86-64 with CUDA 12/13 (or use the one JetPack ships: "
     "`apt install python3-libnvinfer`), or set engine.target=onnxruntime"
 )
-# TensorRT data type names -> the protocol datatype names the sidecar uses.
-TRT_DATATYPES = {
-    "FLOAT": "FP32",
-    "HALF": "FP16",
-    "BF16": "BF16",
-    "INT8": "INT8",
-    "UINT8": "UINT8",
-    "INT32": "INT32",
-    "INT64": "INT64",
-    "BOOL": "BOOL",
-}
-
 
 # Pure decisions
 
@@ -192,8 +181,19 @@ class Gpu:
     compute_capability: str
 
 
+def require_cuda_python() -> None:
+    """The stage runs the plan through the server's runner, which moves memory with cuda-python."""
+    try:
+        cuda_runtime()
+    except EngineError:
+        raise StageError(
+            "engine.target=tensorrt runs the built plan with cuda-python, which is not "
+            "installed: `pip install cuda-python`, or set engine.target=onnxruntime"
+        ) from None
+
+
 def require_cuda_gpu() -> Gpu:
-    """The current CUDA device, seen through torch (which also runs the engine here)."""
+    """The current CUDA device, seen through torch (the pipeline's one GPU dependency)."""
     import torch
 
     if not torch.cuda.is_available():
@@ -283,52 +283,3 @@ def network_io(network: Any) -> dict[str, list[dict[str, Any]]]:
         "inputs": [spec(network.get_input(i)) for i in range(network.num_inputs)],
         "outputs": [spec(network.get_output(i)) for i in range(network.num_outputs)],
     }
-
-
-def run_plan(
-    trt: Any, plan: bytes, x: np.ndarray, profile: Profile, version_compatible: bool
-) -> np.ndarray:
-    """Logits for every image of ``x``, in chunks the profile allows (torch holds the buffers)."""
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    # A version-compatible plan embeds a lean runtime, which the runtime must be allowed to load.
-    runtime.engine_host_code_allowed = version_compatible
-    engine = runtime.deserialize_cuda_engine(plan)
-    if engine is None:
-        raise StageError("TensorRT could not deserialize the plan it just built")
-    context = engine.create_execution_context()
-    chunks = []
-    for start in range(0, len(x), profile.max[0]):
-        batch = x[start : start + profile.max[0]]
-        rows = len(batch)
-        # The last chunk may be smaller than the profile's min batch: pad, then drop the rows.
-        batch = np.concatenate([batch, np.repeat(batch[-1:], max(0, profile.min[0] - rows), 0)])
-        chunks.append(_run_batch(trt, engine, context, batch)[:rows])
-    return np.concatenate(chunks)
-
-
-def _run_batch(trt: Any, engine: Any, context: Any, batch: np.ndarray) -> np.ndarray:
-    import torch
-
-    types = {
-        "FLOAT": torch.float32,
-        "HALF": torch.float16,
-        "BF16": torch.bfloat16,
-        "INT8": torch.int8,
-        "UINT8": torch.uint8,
-        "INT32": torch.int32,
-        "INT64": torch.int64,
-        "BOOL": torch.bool,
-    }
-    buffers = {INPUT_NAME: torch.from_numpy(np.ascontiguousarray(batch)).cuda()}
-    context.set_input_shape(INPUT_NAME, tuple(batch.shape))
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
-        if name not in buffers:
-            shape = tuple(context.get_tensor_shape(name))
-            dtype = types[engine.get_tensor_dtype(name).name]
-            buffers[name] = torch.empty(shape, dtype=dtype, device="cuda")
-        context.set_tensor_address(name, buffers[name].data_ptr())
-    # The current stream: the host-to-device copy above and .cpu() below are ordered with it.
-    if not context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
-        raise StageError("TensorRT execute_async_v3 failed on the test split")
-    return buffers[LOGITS_NAME].float().cpu().numpy()

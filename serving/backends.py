@@ -8,6 +8,7 @@ names, shapes and class names from the artifact (ONNX metadata or engine sidecar
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -15,13 +16,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from serving.compat import EngineError, load_sidecar, sidecar_path
-from serving.contract import ContractError, ModelContract
+from serving.contract import ContractError, ModelContract, check_io
 from serving.protocol import TensorSpec
+from serving.trt_backend import load_tensorrt
 
 log = logging.getLogger("serving")
-
-ONNX_SUFFIXES = (".onnx", ".ort")
-PLAN_SUFFIXES = (".trt", ".plan", ".engine")
 
 _ORT_TYPES = {
     "tensor(bool)": "BOOL",
@@ -71,6 +70,10 @@ class Backend(Protocol):
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]: ...
 
+    def close(self) -> None:
+        """Free what the backend holds (sessions, device memory, streams); idempotent."""
+        ...
+
 
 @dataclass
 class OnnxRuntimeBackend:
@@ -83,9 +86,15 @@ class OnnxRuntimeBackend:
     max_batch: int | None = None
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        if self.session is None:
+            raise EngineError("this onnxruntime backend has been closed")
         names = [o.name for o in self.outputs]
         values = self.session.run(names, {self.inputs[0].name: batch})
         return dict(zip(names, values, strict=True))
+
+    def close(self) -> None:
+        # onnxruntime frees the session's memory when the last reference to it goes.
+        self.session = None
 
 
 def _spec(node: Any, what: str) -> TensorSpec:
@@ -94,19 +103,6 @@ def _spec(node: Any, what: str) -> TensorSpec:
         raise EngineError(f"model {what} '{node.name}' has unsupported type {node.type}")
     shape = tuple(d if isinstance(d, int) and d > 0 else -1 for d in node.shape)
     return TensorSpec(node.name, datatype, shape)
-
-
-def check_io(contract: ModelContract, inputs: tuple[TensorSpec, ...], source: str) -> None:
-    """The graph must take what the contract says: one uint8 [N, C, H, W] input, batch dynamic."""
-    want = TensorSpec(
-        contract.input_name, contract.input_dtype.upper(), (-1, *contract.input_shape)
-    )
-    if len(inputs) != 1 or inputs[0] != want:
-        got = [f"{i.name} {i.datatype} {list(i.shape)}" for i in inputs]
-        raise EngineError(
-            f"{source} inputs {got} do not match its metadata "
-            f"({want.name} {want.datatype} {list(want.shape)} with a dynamic batch)"
-        )
 
 
 def _ort_session(path: Path, provider: str, threads: int, trt_cache_dir: Path | None) -> Any:
@@ -143,15 +139,18 @@ def _warn_on_fallback(session: Any, provider: str) -> str:
     return active[0].removesuffix("ExecutionProvider").lower()
 
 
-def _onnx_contract(session: Any, path: Path) -> ModelContract:
+def _onnx_contract(session: Any, path: Path, inputs: tuple[TensorSpec, ...]) -> ModelContract:
+    """The contract from the model's metadata, checked against the graph's inputs."""
     metadata = session.get_modelmeta().custom_metadata_map
     if not metadata and sidecar_path(path).exists():
         # ORT-format files may drop metadata_props; the sidecar carries the same keys.
         metadata = load_sidecar(path)["metadata"]
     try:
-        return ModelContract.from_metadata(metadata, source=str(path))
+        contract = ModelContract.from_metadata(metadata, source=str(path))
+        check_io(contract, inputs, str(path))
     except ContractError as exc:
         raise EngineError(str(exc)) from None
+    return contract
 
 
 def load_onnxruntime(
@@ -160,10 +159,9 @@ def load_onnxruntime(
     import onnxruntime as ort
 
     session = _ort_session(path, provider, threads, trt_cache_dir)
-    contract = _onnx_contract(session, path)
     inputs = tuple(_spec(node, "input") for node in session.get_inputs())
     outputs = tuple(_spec(node, "output") for node in session.get_outputs())
-    check_io(contract, inputs, str(path))
+    contract = _onnx_contract(session, path, inputs)
     info = {
         "backend": "onnxruntime",
         "provider": _warn_on_fallback(session, provider),
@@ -174,6 +172,20 @@ def load_onnxruntime(
     return OnnxRuntimeBackend(contract, inputs, outputs, info, session)
 
 
+def _load_plan(path: Path, *_onnxruntime_settings: Any) -> Backend:
+    return load_tensorrt(path)  # the plan fixed its own provider, threads and engine
+
+
+# Engine file suffix -> its loader, called with (path, provider, threads, trt_cache_dir).
+LOADERS: dict[str, Callable[[Path, str, int, Path | None], Backend]] = {
+    ".onnx": load_onnxruntime,
+    ".ort": load_onnxruntime,
+    ".trt": _load_plan,
+    ".plan": _load_plan,
+    ".engine": _load_plan,
+}
+
+
 def load_backend(
     path: Path, provider: str = "cpu", threads: int = 0, trt_cache_dir: Path | None = None
 ) -> Backend:
@@ -181,13 +193,10 @@ def load_backend(
     if not path.is_file():
         raise EngineError(f"engine file {path} does not exist")
     suffix = path.suffix.lower()
-    if suffix in ONNX_SUFFIXES:
-        return load_onnxruntime(path, provider, threads, trt_cache_dir)
-    if suffix in PLAN_SUFFIXES:
-        from serving.trt_backend import load_tensorrt
-
-        return load_tensorrt(path)
-    known = ", ".join(ONNX_SUFFIXES + PLAN_SUFFIXES)
-    raise EngineError(
-        f"engine file {path} has suffix {suffix or '(none)'}; expected one of {known}"
-    )
+    loader = LOADERS.get(suffix)
+    if loader is None:
+        raise EngineError(
+            f"engine file {path} has suffix {suffix or '(none)'}; "
+            f"expected one of {', '.join(LOADERS)}"
+        )
+    return loader(path, provider, threads, trt_cache_dir)

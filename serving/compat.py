@@ -10,6 +10,7 @@ Pure Python: tested on CPU with hand-written sidecars.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,11 @@ def load_sidecar(engine: Path) -> dict[str, Any]:
     return sidecar
 
 
+def version_compatible(sidecar: Mapping[str, Any]) -> bool:
+    """Built with BuilderFlag.VERSION_COMPATIBLE: the plan embeds a lean TensorRT runtime."""
+    return sidecar.get("version_compatible") is True
+
+
 def _version(text: str, parts: int) -> tuple[int, ...]:
     try:
         return tuple(int(p) for p in str(text).split(".")[:parts])
@@ -67,7 +73,7 @@ def _same_gpu(built: str, host: str, hardware_level: str) -> bool:
     return _version(host, 2) == _version(built, 2)
 
 
-def check_plan(sidecar: dict[str, Any], host: HostInfo, engine_name: str = "engine") -> None:
+def check_plan(sidecar: Mapping[str, Any], host: HostInfo, engine_name: str = "engine") -> None:
     """Raise EngineError with one line if the plan was built for another TensorRT or GPU."""
     if sidecar.get("format", "tensorrt") != "tensorrt":
         raise EngineError(
@@ -78,9 +84,7 @@ def check_plan(sidecar: dict[str, Any], host: HostInfo, engine_name: str = "engi
         raise EngineError(f"{engine_name} sidecar lacks {', '.join(missing)}; rebuild the engine")
     built_trt = str(sidecar["tensorrt_version"])
     built_cc = str(sidecar["compute_capability"])
-    trt_ok = _same_tensorrt(
-        built_trt, host.tensorrt_version, bool(sidecar.get("version_compatible", False))
-    )
+    trt_ok = _same_tensorrt(built_trt, host.tensorrt_version, version_compatible(sidecar))
     gpu_ok = _same_gpu(
         built_cc, host.compute_capability, str(sidecar.get("hardware_compatibility", ""))
     )

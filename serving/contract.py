@@ -12,6 +12,8 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
+from serving.protocol import TensorSpec
+
 INPUT_NAME = "images"
 LOGITS_NAME = "logits"
 PROBABILITIES_NAME = "probabilities"
@@ -110,6 +112,19 @@ class ModelContract:
             data_fingerprint=metadata.get(KEY_DATA_FINGERPRINT, ""),
             params_hash=metadata.get(KEY_PARAMS_HASH, ""),
             git_revision=metadata.get(KEY_GIT_REVISION, ""),
+        )
+
+
+def check_io(contract: ModelContract, inputs: tuple[TensorSpec, ...], source: str) -> None:
+    """The graph must take what the contract says: one uint8 [N, C, H, W] input, batch dynamic."""
+    want = TensorSpec(
+        contract.input_name, contract.input_dtype.upper(), (-1, *contract.input_shape)
+    )
+    if len(inputs) != 1 or inputs[0] != want:
+        got = [f"{i.name} {i.datatype} {list(i.shape)}" for i in inputs]
+        raise ContractError(
+            f"{source} inputs {got} do not match its metadata "
+            f"({want.name} {want.datatype} {list(want.shape)} with a dynamic batch)"
         )
 
 

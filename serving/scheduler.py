@@ -83,12 +83,15 @@ class Scheduler:
         for thread in self._threads:
             thread.start()
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """Stop the workers; True once none is left inside its backend (then it may be closed)."""
         with self._lock:
             self._stopping = True
             self._batch_ready.notify_all()
         for thread in self._threads:
-            thread.join(timeout=5)
+            if thread.is_alive():  # never started: nothing to wait for
+                thread.join(timeout=5)
+        return not any(thread.is_alive() for thread in self._threads)
 
     @property
     def queued(self) -> int:

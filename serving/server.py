@@ -53,19 +53,44 @@ def instance_threads(config: ServerConfig) -> int:
 
 
 def load(config: ServerConfig) -> list[Backend]:
-    """One backend per model instance; EngineError (one line) if the engine can't be served."""
+    """One backend per model instance; EngineError (one line) if the engine can't be served.
+
+    What was loaded before a failure is closed again.
+    """
     threads = instance_threads(config)
-    backends = [
-        load_backend(config.engine, config.provider, threads, config.trt_cache_dir)
-        for _ in range(config.instances)
-    ]
-    max_batch = backends[0].max_batch
-    if max_batch is not None and config.max_batch_size > max_batch:
-        raise EngineError(
-            f"{config.engine} accepts batches up to {max_batch}; "
-            f"lower --max-batch-size from {config.max_batch_size}"
-        )
+    backends: list[Backend] = []
+    try:
+        for _ in range(config.instances):
+            backends.append(
+                load_backend(config.engine, config.provider, threads, config.trt_cache_dir)
+            )
+        max_batch = backends[0].max_batch
+        if max_batch is not None and config.max_batch_size > max_batch:
+            raise EngineError(
+                f"{config.engine} accepts batches up to {max_batch}; "
+                f"lower --max-batch-size from {config.max_batch_size}"
+            )
+    except Exception:
+        close_all(backends)
+        raise
     return backends
+
+
+def close_all(backends: list[Backend]) -> None:
+    """Close every backend, each even if another fails (a failure is logged, not raised)."""
+    for backend in backends:
+        try:
+            backend.close()
+        except Exception:
+            log.exception("closing a %s backend failed", backend.info.get("backend", "model"))
+
+
+def release(scheduler: Scheduler, backends: list[Backend]) -> None:
+    """Stop the workers, then close the backends, unless a worker is still inside one."""
+    if scheduler.stop():
+        close_all(backends)
+    else:  # freeing memory a running batch uses could crash it; the process exit frees it
+        log.warning("a batch was still running when the workers stopped; backends left open")
 
 
 async def _drain(app: App, grace_s: float) -> bool:
@@ -85,6 +110,7 @@ async def _sweep_idle(connections: set[HttpConnection], timeout_s: float) -> Non
 
 
 async def run_server(config: ServerConfig, backends: list[Backend], started: float) -> int:
+    """Serve until SIGTERM/SIGINT; the backends are closed once their workers have stopped."""
     loop = asyncio.get_running_loop()
     backend = backends[0]  # the instances are alike: any one describes the model
     name = config.model_name or backend.contract.model_name
@@ -95,7 +121,18 @@ async def run_server(config: ServerConfig, backends: list[Backend], started: flo
         config.max_batch_size, config.max_queue_delay_us / 1e6, config.max_queue_size
     )
     scheduler = Scheduler(backends, batches, metrics, loop)
-    app = App(config, backend, scheduler, metrics)
+    try:
+        drained = await _serve(App(config, backend, scheduler, metrics), backends, started)
+    finally:
+        release(scheduler, backends)
+    log.info("stopped" if drained else "grace period ran out with requests unanswered")
+    return 0 if drained else 1
+
+
+async def _serve(app: App, backends: list[Backend], started: float) -> bool:
+    """Listen, warm up, start the workers, answer until a signal, drain; True if drained."""
+    loop = asyncio.get_running_loop()
+    config, backend, scheduler, metrics = app.config, app.backend, app.scheduler, app.metrics
     connections: set[HttpConnection] = set()
     server = await loop.create_server(
         lambda: HttpConnection(app, config.max_request_bytes, connections, config.max_header_bytes),
@@ -109,7 +146,7 @@ async def run_server(config: ServerConfig, backends: list[Backend], started: flo
         "listening on http://%s:%d (model %s, %s on %s, %d instance(s))",
         host,
         port,
-        name,
+        app.name,
         backend.info["backend"],
         backend.info["provider"],
         len(backends),
@@ -121,7 +158,11 @@ async def run_server(config: ServerConfig, backends: list[Backend], started: flo
         loop.add_signal_handler(sig, stop.set)
     if config.warmup:
         sizes = warmup_sizes(config.max_batch_size)
-        await asyncio.gather(*(loop.run_in_executor(None, warm, b, sizes) for b in backends))
+        warming = (loop.run_in_executor(None, warm, b, sizes) for b in backends)
+        # Every warm-up ends before a failure is raised: release() closes the backends next.
+        results = await asyncio.gather(*warming, return_exceptions=True)
+        if failures := [r for r in results if isinstance(r, BaseException)]:
+            raise failures[0]
     scheduler.start()
     # Start-up leaves tens of thousands of long-lived objects (numpy, onnxruntime, the
     # CLI); every full collection walked them all, stalling the event loop for about 5 ms.
@@ -141,9 +182,7 @@ async def run_server(config: ServerConfig, backends: list[Backend], started: flo
         sweeper.cancel()
     for connection in list(connections):
         connection.close()
-    scheduler.stop()
-    log.info("stopped" if drained else "grace period ran out with requests unanswered")
-    return 0 if drained else 1
+    return drained
 
 
 def serve(config: ServerConfig) -> int:

@@ -3,11 +3,14 @@ bad input, and (marked ``tensorrt``) real TensorRT builds on GPU hosts."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -20,9 +23,11 @@ from pipeline.artifacts import sha256_file
 from pipeline.cli import app
 from pipeline.errors import StageError
 from pipeline.params import EngineParams
+from serving import trt_backend
 from serving.compat import EngineError, HostInfo, check_plan
 from serving.contract import ModelContract
 from tests.pipeline.export_fixtures import CLASS_NAMES, SHAPE, shared_export
+from tests.serving import trt_stand_ins
 
 
 def _cuda() -> bool:
@@ -177,6 +182,14 @@ def test_missing_gpu_is_one_clear_line():
     assert "\n" not in str(error.value) and "engine.target=onnxruntime" in str(error.value)
 
 
+def test_missing_cuda_python_is_one_clear_line(monkeypatch):
+    for name in ("cuda", "cuda.bindings"):
+        monkeypatch.setitem(sys.modules, name, None)  # import cuda... raises ImportError
+    with pytest.raises(StageError, match="pip install cuda-python") as error:
+        tensorrt_build.require_cuda_python()
+    assert "\n" not in str(error.value) and "engine.target=onnxruntime" in str(error.value)
+
+
 # TensorRT decisions (pure Python)
 
 
@@ -301,3 +314,55 @@ def test_tensorrt_engine_builds_runs_and_agrees(shared, tmp_path, precision):
     # A second build reuses the cache and gives the same predictions.
     again = engine.build_engine(params, shared.onnx_dir, tmp_path / "again", shared.data_dir, None)
     assert again["accuracy"] == report["accuracy"]
+
+
+# The test-split run: serving's runner, with stand-in tensorrt and cuda-python (CPU)
+
+
+def test_the_stage_runs_the_plan_through_the_server_runner_and_closes_it(monkeypatch, tmp_path):
+    cudart = trt_stand_ins.install(monkeypatch, batches=(4, 64))
+    x = np.random.default_rng(0).integers(0, 256, (130, *trt_stand_ins.IMAGE), dtype=np.uint8)
+    logits = engine.plan_logits(b"plan", trt_stand_ins.sidecar(), tmp_path / "model.trt", x)
+    np.testing.assert_array_equal(logits, trt_stand_ins.expected_logits(x))  # 64, 64, 2 (+2 pad)
+    assert cudart.memory == {} and not cudart.streams, "the runner is closed"
+    with pytest.raises(StageError, match="test split: a TensorRT engine cannot run an empty"):
+        engine.plan_logits(b"plan", trt_stand_ins.sidecar(), tmp_path / "model.trt", x[:0])
+    assert cudart.memory == {} and not cudart.streams, "closed on error too"
+
+
+def test_the_sidecar_and_the_runner_share_one_dtype_map():
+    assert tensorrt_build.TRT_DATATYPES is trt_backend.TRT_DATATYPES
+
+    def tensor(name, dtype, shape):
+        return SimpleNamespace(name=name, dtype=SimpleNamespace(name=dtype), shape=shape)
+
+    inputs = [tensor("images", "UINT8", (-1, *SHAPE))]
+    outputs = [tensor("logits", "HALF", (-1, 3)), tensor("extra", "BF16", (-1, 3))]
+    network = SimpleNamespace(
+        num_inputs=1,
+        num_outputs=2,
+        get_input=inputs.__getitem__,
+        get_output=outputs.__getitem__,
+    )
+    io = tensorrt_build.network_io(network)
+    assert [spec["dtype"] for spec in io["inputs"] + io["outputs"]] == ["UINT8", "FP16", "BF16"]
+
+
+def test_tensorrt_build_holds_no_runner_and_no_torch_buffers():
+    tree = ast.parse(Path(tensorrt_build.__file__).read_text())
+    functions = {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
+    assert not functions & {"run_plan", "_run_batch"}
+    attributes = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    runner_calls = {"deserialize_cuda_engine", "set_tensor_address", "execute_async_v3"}
+    torch_buffers = {"from_numpy", "empty", "data_ptr", "current_stream"}
+    assert not attributes & (runner_calls | torch_buffers)
+    torch_users = [
+        node.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef)
+        and any(
+            isinstance(inner, ast.Import) and inner.names[0].name == "torch"
+            for inner in ast.walk(node)
+        )
+    ]
+    assert torch_users == ["require_cuda_gpu"]  # torch only tells whether there is a GPU
