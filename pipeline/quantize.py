@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import StageError
+from pipeline.errors import StageError, step
 
 CALIBRATION_BATCH = 64
 
@@ -89,6 +89,7 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray) -> None:
         )
 
 
+@step("ReLU folding")
 def fold_relus_for_cpu(model: Any) -> int:
     """Rewrite ``X -> Q/DQ -> Relu -> Q(s, 0)/DQ`` into ``X -> Q(s * 127/255, -128)/DQ``.
 
