@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from pipeline.artifacts import atomic_path
-from pipeline.errors import StageError
+from pipeline.errors import StageError, step
 from pipeline.models import Classifier, ModelSpec
 
 FORMAT = "tensorferry-checkpoint/1"
@@ -44,6 +44,7 @@ class Checkpoint:
         return model.eval()
 
 
+@step("checkpoint")
 def save_checkpoint(checkpoint: Checkpoint, path: Path) -> None:
     payload = {
         "format": FORMAT,

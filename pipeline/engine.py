@@ -30,7 +30,7 @@ import typer
 from pipeline import onnx_tools, quantize, tensorrt_build
 from pipeline.artifacts import atomic_path, sha256_file, write_json, write_metrics
 from pipeline.dataset import DEFAULT_DIR, load_split
-from pipeline.errors import StageError, exit_on_stage_error, run_command
+from pipeline.errors import StageError, exit_on_stage_error, run_command, step
 from pipeline.onnx_tools import ONNX_DIR as DEFAULT_ONNX
 from pipeline.onnx_tools import VARIANT_FILES
 from pipeline.params import EngineParams, load_with_overrides
@@ -100,6 +100,7 @@ def prepare_onnxruntime(onnx: Path, params: EngineParams) -> Prepared:
     return Prepared(source, build)
 
 
+@step("optimise")
 def optimize_onnxruntime(
     source: Source, params: EngineParams, engine_path: Path, sidecar_path: Path
 ) -> Runner:
@@ -243,6 +244,7 @@ def staged_outputs(out: Path, target: str) -> Iterator[tuple[Path, Path]]:
         yield tmp / name, tmp / (name + SIDECAR_SUFFIX)
 
 
+@step("accuracy run")
 def evaluate_engine(run: Runner, source: Source, data_dir: Path, batch_size: int) -> dict[str, Any]:
     """Accuracy on the test split, and agreement with the fp32 ONNX model (when present)."""
     test = load_split("test", data_dir)
@@ -284,7 +286,8 @@ def build_engine(
     source = prepared.source
     start = time.perf_counter()
     with staged_outputs(out, params.target) as (engine_path, sidecar_path):
-        run = prepared.build(engine_path, sidecar_path)
+        with step("build"):
+            run = prepared.build(engine_path, sidecar_path)
         report: dict[str, Any] = {
             "target": params.target,
             "precision": params.precision,

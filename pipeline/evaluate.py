@@ -13,7 +13,7 @@ import typer
 from pipeline.artifacts import atomic_path, write_json
 from pipeline.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from pipeline.dataset import DEFAULT_DIR, load_meta, load_split
-from pipeline.errors import StageError, exit_on_stage_error, run_command
+from pipeline.errors import StageError, exit_on_stage_error, run_command, step
 from pipeline.params import EvaluateParams, load_with_overrides
 from pipeline.train import DEFAULT_LIVE_DIR
 
@@ -79,10 +79,13 @@ def evaluate(
         )
     if checkpoint.class_names != meta.class_names:
         raise StageError(f"checkpoint {checkpoint_path} was trained on other classes; retrain")
-    model = checkpoint.build(str(checkpoint_path))
-    test = load_split("test", data_dir)
-    probabilities = predict_probabilities(model, test.x, params.batch_size)
-    metrics = classification_metrics(test.y, probabilities, meta.class_names)
+    with step("build model"):
+        model = checkpoint.build(str(checkpoint_path))
+    with step("predict"):
+        test = load_split("test", data_dir)
+        probabilities = predict_probabilities(model, test.x, params.batch_size)
+    with step("metrics"):
+        metrics = classification_metrics(test.y, probabilities, meta.class_names)
     predicted = probabilities.argmax(axis=1)
     write_json(reports / "metrics.json", metrics)
     write_json(
@@ -92,7 +95,8 @@ def evaluate(
             for a, p in zip(test.y.tolist(), predicted.tolist(), strict=True)
         ],
     )
-    _save_figures(test.y, predicted, meta.class_names, live_dir, reports)
+    with step("figures"):
+        _save_figures(test.y, predicted, meta.class_names, live_dir, reports)
     return metrics
 
 

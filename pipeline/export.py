@@ -28,7 +28,7 @@ from pipeline import onnx_tools, quantize
 from pipeline.artifacts import atomic_path, git_revision, params_hash, write_metrics
 from pipeline.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, load_checkpoint
 from pipeline.dataset import DEFAULT_DIR, Meta, load_meta, load_split
-from pipeline.errors import StageError, exit_on_stage_error, run_command
+from pipeline.errors import StageError, exit_on_stage_error, run_command, step
 from pipeline.params import ExportParams, as_dict, load_with_overrides
 from serving.contract import INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME, ModelContract
 
@@ -208,6 +208,7 @@ def variant_report(
     }
 
 
+@step("int8 quantization")
 def _int8(fp32: Path, dst: Path, train_x: Callable[[], np.ndarray], params: ExportParams) -> None:
     sample = quantize.calibration_sample(
         train_x(), params.calibration_samples, params.calibration_seed
@@ -215,6 +216,7 @@ def _int8(fp32: Path, dst: Path, train_x: Callable[[], np.ndarray], params: Expo
     quantize.quantize_int8(fp32, dst, sample)
 
 
+@step("fp16 conversion")
 def _fp16(fp32: Path, dst: Path, train_x: Callable[[], np.ndarray], params: ExportParams) -> None:
     quantize.convert_fp16(fp32, dst)
 
@@ -239,7 +241,8 @@ def build_variant(
     onnx_tools.set_metadata(proto, metadata)
     proto.doc_string = f"tensorferry {contract.model_name} ({name})"
     _save(proto, dst)
-    check_onnx(dst)
+    with step(f"{name} onnx check"):
+        check_onnx(dst)
 
 
 # The stage
@@ -294,11 +297,13 @@ def export_model(
     report_path: Path | None = DEFAULT_REPORT,
 ) -> dict[str, Any]:
     """Run the export stage; returns the report (also written to ``report_path``)."""
-    checkpoint = load_checkpoint(checkpoint_path)
-    model = checkpoint.build(source=f"checkpoint {checkpoint_path}")
-    meta = load_meta(data_dir)
-    check_data_matches(checkpoint, meta, data_dir)
-    test = load_split("test", data_dir)
+    with step("load checkpoint"):
+        checkpoint = load_checkpoint(checkpoint_path)
+        model = checkpoint.build(source=f"checkpoint {checkpoint_path}")
+    with step("load data"):
+        meta = load_meta(data_dir)
+        check_data_matches(checkpoint, meta, data_dir)
+        test = load_split("test", data_dir)
     contract = make_contract(checkpoint, meta, params)
     with atomic_path(out) as tmp:
         tmp.mkdir()
@@ -319,16 +324,20 @@ def _export_all(
 ) -> dict[str, Any]:
     fp32 = out / VARIANT_FILES["fp32"]
     start = time.perf_counter()
-    export_onnx(model, fp32, params.opset, contract)
-    check_onnx(fp32)
+    with step("export fp32"):
+        export_onnx(model, fp32, params.opset, contract)
+    with step("fp32 onnx check"):
+        check_onnx(fp32)
     export_seconds = time.perf_counter() - start
-    parity, fp32_logits = measure_parity(model, fp32, x, params.batch_size)
-    require_parity(parity, params.parity_atol)
+    with step("parity"):
+        parity, fp32_logits = measure_parity(model, fp32, x, params.batch_size)
+        require_parity(parity, params.parity_atol)
     variants = {"fp32": variant_report(fp32, fp32_logits, fp32_logits, y)}
     for name in (v for v in ("int8", "fp16") if v in params.variants):
         dst = out / VARIANT_FILES[name]
         build_variant(name, fp32, dst, contract, lambda: load_split("train", data_dir).x, params)
-        logits = onnx_tools.run_logits(onnx_tools.session(dst), x, params.batch_size)
+        with step(f"{name} accuracy"):
+            logits = onnx_tools.run_logits(onnx_tools.session(dst), x, params.batch_size)
         variants[name] = variant_report(dst, logits, fp32_logits, y)
     check_accuracy_drops(variants, params.max_accuracy_drop)
     return {

@@ -11,19 +11,21 @@ import typer
 
 from pipeline.artifacts import atomic_path, write_json
 from pipeline.dataset import DEFAULT_DIR, SPLITS, Meta
-from pipeline.errors import StageError, exit_on_stage_error, run_command
+from pipeline.errors import StageError, exit_on_stage_error, run_command, step
 from pipeline.params import DataParams, as_dict, load_with_overrides
 from pipeline.sources import RawData, load_source
 
 
 def prepare(params: DataParams, out: Path = DEFAULT_DIR) -> Meta:
     """Load the configured source, split it and write ``out`` atomically."""
-    raw = load_source(params)
-    splits = split_data(raw, params)
-    splits = {name: _cap_per_class(x, y, params.max_per_class) for name, (x, y) in splits.items()}
-    _check_every_class_present(splits, raw.class_names)
-    meta = _describe(splits, raw, params)
-    with atomic_path(Path(out)) as tmp:
+    with step("load source"):
+        raw = load_source(params)
+    with step("split"):
+        splits = split_data(raw, params)
+        splits = {n: _cap_per_class(x, y, params.max_per_class) for n, (x, y) in splits.items()}
+        _check_every_class_present(splits, raw.class_names)
+        meta = _describe(splits, raw, params)
+    with step("write"), atomic_path(Path(out)) as tmp:
         tmp.mkdir()
         for name, (x, y) in splits.items():
             np.savez(tmp / f"{name}.npz", x=x, y=y)

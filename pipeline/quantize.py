@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import StageError
+from pipeline.errors import StageError, step
 
 CALIBRATION_BATCH = 64
 
@@ -62,7 +62,14 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray) -> None:
     softmax = [n.name for n in model.graph.node if n.op_type == "Softmax"]
     with tempfile.TemporaryDirectory() as tmp, _quiet():
         pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(src), str(pre))
+        # ONNX's own shape inference, which quant_pre_process runs after its optimiser, is
+        # enough here: the only symbolic dim is the batch, which the exporter already names.
+        # onnxruntime's symbolic inference can't type a Reduce{Max,Min,L2,...} at opset 18+,
+        # where axes became an input (no handler, and its single-node fallback drops the
+        # axes initializer; microsoft/onnxruntime#32376), so resnet's global max pool left
+        # its Flatten Reshape untyped and _infer_Reshape raised a TypeError. seed_cnn and
+        # mlp quantize to byte-identical graphs either way.
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         quantize_static(
             str(pre),
             str(dst),
@@ -82,6 +89,7 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray) -> None:
         )
 
 
+@step("ReLU folding")
 def fold_relus_for_cpu(model: Any) -> int:
     """Rewrite ``X -> Q/DQ -> Relu -> Q(s, 0)/DQ`` into ``X -> Q(s * 127/255, -128)/DQ``.
 

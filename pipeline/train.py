@@ -23,7 +23,7 @@ from pipeline.artifacts import atomic_path, params_hash
 from pipeline.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, save_checkpoint
 from pipeline.dataset import DEFAULT_DIR, Meta, Split, load_meta, load_split
 from pipeline.distributed import World, all_sum, process_group, shard_batches, world_from_env
-from pipeline.errors import StageError, exit_on_stage_error, run_command
+from pipeline.errors import StageError, exit_on_stage_error, run_command, step
 from pipeline.models import Classifier, ModelSpec
 from pipeline.params import ModelParams, TrainParams, as_dict, load_with_overrides
 
@@ -151,6 +151,7 @@ class Trainer:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
             return model(x).float()
 
+    @step("fit")
     def fit(self, train: Split, val: Split, on_epoch) -> None:  # noqa: ANN001 - callback
         x_train, y_train = _to_device(train, self.device)
         x_val, y_val = _to_device(val, self.device)
@@ -219,13 +220,15 @@ def train(
 
     Under torchrun every rank trains; only rank 0 logs and writes.
     """
-    meta = load_meta(data_dir)
-    train_split, val_split = load_split("train", data_dir), load_split("val", data_dir)
+    with step("load data"):
+        meta = load_meta(data_dir)
+        train_split, val_split = load_split("train", data_dir), load_split("val", data_dir)
     world = world_from_env()
     history: list[EpochStats] = []
     device_type = "cuda" if params.device != "cpu" and torch.cuda.is_available() else "cpu"
     with process_group(world, torch.device(device_type)):
-        trainer = Trainer(meta, model_params, params, world)
+        with step("build model"):
+            trainer = Trainer(meta, model_params, params, world)
         if not world.is_main:
             trainer.fit(train_split, val_split, lambda _, stats: history.append(stats))
             return history
