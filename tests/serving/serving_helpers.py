@@ -223,3 +223,22 @@ def fetch(server: ServerProcess, path: str, body: bytes | None = None, headers: 
             return response.status, response.headers, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.headers, error.read()
+
+
+def wait_until_holding(
+    server: ServerProcess, inflight: int, queued: int, timeout: float = 30.0
+) -> None:
+    """Poll /metrics until ``inflight`` infer requests are unanswered, ``queued`` of them
+    still queued and the rest running: a sync point that holds on a CPU of any speed."""
+    wanted = {"inflight": float(inflight), "pending": float(queued)}
+    deadline = time.monotonic() + timeout
+    while (held := _held(server)) != wanted:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the server never held {wanted}; last {held}")
+        time.sleep(0.005)
+
+
+def _held(server: ServerProcess) -> dict[str, float]:
+    body = fetch(server, "/metrics")[2].decode()
+    found = re.findall(r"^tensorferry_(inflight|pending)_requests\{.*\} (\S+)$", body, re.M)
+    return {name: float(value) for name, value in found}
