@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from serving import denormals
 from serving.compat import EngineError, load_sidecar, sidecar_path
 from serving.contract import ContractError, ModelContract
 from serving.protocol import TensorSpec
@@ -109,7 +110,9 @@ def check_io(contract: ModelContract, inputs: tuple[TensorSpec, ...], source: st
         )
 
 
-def _ort_session(path: Path, provider: str, threads: int, trt_cache_dir: Path | None) -> Any:
+def _ort_session(
+    path: Path, provider: str, threads: int, trt_cache_dir: Path | None, flush: bool = False
+) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -119,13 +122,14 @@ def _ort_session(path: Path, provider: str, threads: int, trt_cache_dir: Path | 
     # Spinning intra-op threads would steal the core the event loop needs between batches.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
-    try:
-        return ort.InferenceSession(
-            str(path), options, providers=_providers(provider, path, trt_cache_dir)
-        )
-    except Exception as exc:  # onnxruntime raises its own pybind types for every load failure
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EngineError(f"{path} is not a loadable ONNX model: {first}") from None
+    with denormals.for_session(options, flush):
+        try:
+            return ort.InferenceSession(
+                str(path), options, providers=_providers(provider, path, trt_cache_dir)
+            )
+        except Exception as exc:  # onnxruntime raises its own pybind types for every failure
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise EngineError(f"{path} is not a loadable ONNX model: {first}") from None
 
 
 def _warn_on_fallback(session: Any, provider: str) -> str:
@@ -155,11 +159,15 @@ def _onnx_contract(session: Any, path: Path) -> ModelContract:
 
 
 def load_onnxruntime(
-    path: Path, provider: str = "cpu", threads: int = 0, trt_cache_dir: Path | None = None
+    path: Path,
+    provider: str = "cpu",
+    threads: int = 0,
+    trt_cache_dir: Path | None = None,
+    flush_denormals: bool = False,  # its pool threads; the threads calling run flush themselves
 ) -> OnnxRuntimeBackend:
     import onnxruntime as ort
 
-    session = _ort_session(path, provider, threads, trt_cache_dir)
+    session = _ort_session(path, provider, threads, trt_cache_dir, flush_denormals)
     contract = _onnx_contract(session, path)
     inputs = tuple(_spec(node, "input") for node in session.get_inputs())
     outputs = tuple(_spec(node, "output") for node in session.get_outputs())
@@ -175,14 +183,18 @@ def load_onnxruntime(
 
 
 def load_backend(
-    path: Path, provider: str = "cpu", threads: int = 0, trt_cache_dir: Path | None = None
+    path: Path,
+    provider: str = "cpu",
+    threads: int = 0,
+    trt_cache_dir: Path | None = None,
+    flush_denormals: bool = False,
 ) -> Backend:
     """Open the engine the way its suffix says; EngineError with one line if it can't be."""
     if not path.is_file():
         raise EngineError(f"engine file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix in ONNX_SUFFIXES:
-        return load_onnxruntime(path, provider, threads, trt_cache_dir)
+        return load_onnxruntime(path, provider, threads, trt_cache_dir, flush_denormals)
     if suffix in PLAN_SUFFIXES:
         from serving.trt_backend import load_tensorrt
 

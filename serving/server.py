@@ -9,6 +9,7 @@ requests finish, then exit 0, or 1 if the grace period ran out first.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import os
@@ -17,6 +18,7 @@ from time import perf_counter
 
 import numpy as np
 
+from serving import denormals
 from serving.app import App
 from serving.backends import Backend, load_backend
 from serving.batching import BatchQueue
@@ -39,10 +41,11 @@ def warmup_sizes(max_batch_size: int) -> list[int]:
     return list(dict.fromkeys(sizes))
 
 
-def warm(backend: Backend, sizes: list[int]) -> None:
+def warm(backend: Backend, sizes: list[int], flush_denormals: bool = False) -> None:
     spec = backend.inputs[0]
-    for size in sizes:
-        backend.run(np.zeros((size, *spec.shape[1:]), dtype=np.uint8))
+    with denormals.flushed(flush_denormals):  # an executor thread: as the workers will run
+        for size in sizes:
+            backend.run(np.zeros((size, *spec.shape[1:]), dtype=np.uint8))
 
 
 def instance_threads(config: ServerConfig) -> int:
@@ -55,8 +58,9 @@ def instance_threads(config: ServerConfig) -> int:
 def load(config: ServerConfig) -> list[Backend]:
     """One backend per model instance; EngineError (one line) if the engine can't be served."""
     threads = instance_threads(config)
+    flush, cache = bool(config.flush_denormals), config.trt_cache_dir
     backends = [
-        load_backend(config.engine, config.provider, threads, config.trt_cache_dir)
+        load_backend(config.engine, config.provider, threads, cache, flush)
         for _ in range(config.instances)
     ]
     max_batch = backends[0].max_batch
@@ -88,13 +92,13 @@ async def run_server(config: ServerConfig, backends: list[Backend], started: flo
     loop = asyncio.get_running_loop()
     backend = backends[0]  # the instances are alike: any one describes the model
     name = config.model_name or backend.contract.model_name
-    metrics = Metrics(
-        name, config.max_batch_size, {**backend.info, "instances": str(len(backends))}
-    )
+    flush = bool(config.flush_denormals)
+    info = {**backend.info, "instances": str(len(backends)), "flush_denormals": str(flush).lower()}
+    metrics = Metrics(name, config.max_batch_size, info)
     batches = BatchQueue(
         config.max_batch_size, config.max_queue_delay_us / 1e6, config.max_queue_size
     )
-    scheduler = Scheduler(backends, batches, metrics, loop)
+    scheduler = Scheduler(backends, batches, metrics, loop, flush)
     app = App(config, backend, scheduler, metrics)
     connections: set[HttpConnection] = set()
     server = await loop.create_server(
@@ -106,13 +110,14 @@ async def run_server(config: ServerConfig, backends: list[Backend], started: flo
     )
     host, port = server.sockets[0].getsockname()[:2]
     log.info(
-        "listening on http://%s:%d (model %s, %s on %s, %d instance(s))",
+        "listening on http://%s:%d (model %s, %s on %s, %d instance(s), denormals %s)",
         host,
         port,
         name,
         backend.info["backend"],
         backend.info["provider"],
         len(backends),
+        "flushed to zero" if flush else "kept",
     )
     timeout = config.idle_timeout_s
     sweeper = loop.create_task(_sweep_idle(connections, timeout)) if timeout else None
@@ -121,7 +126,7 @@ async def run_server(config: ServerConfig, backends: list[Backend], started: flo
         loop.add_signal_handler(sig, stop.set)
     if config.warmup:
         sizes = warmup_sizes(config.max_batch_size)
-        await asyncio.gather(*(loop.run_in_executor(None, warm, b, sizes) for b in backends))
+        await asyncio.gather(*(loop.run_in_executor(None, warm, b, sizes, flush) for b in backends))
     scheduler.start()
     # Start-up leaves tens of thousands of long-lived objects (numpy, onnxruntime, the
     # CLI); every full collection walked them all, stalling the event loop for about 5 ms.
@@ -149,6 +154,8 @@ async def run_server(config: ServerConfig, backends: list[Backend], started: flo
 def serve(config: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT; EngineError (one line) if the engine can't be served."""
     started = perf_counter()
+    flush = denormals.decide(config.flush_denormals, config.engine)
+    config = dataclasses.replace(config, flush_denormals=flush)
     backends = load(config)
     try:
         import uvloop

@@ -116,7 +116,41 @@ def build_model(
         slow, slow_inits = _slow_nodes(512, slow_rounds, rng)
         nodes += slow
         inits += slow_inits
-    nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1))
+    return _save(path, nodes, inits, shape, batch_dim, metadata)
+
+
+def build_subnormal_model(
+    path: Path, shape: tuple[int, int, int] = (3, 8, 8), scale: float = 2.0**-100
+) -> Path:
+    """A model whose floats underflow, to show which threads flush denormals to zero.
+
+    Every logit is the mean of pixel x 2^100 x 2^-140, times ``scale``. 2^-140 is a
+    subnormal constant, read as 0 by a thread that flushes: logits exactly 0. Elsewhere a
+    logit is the mean pixel x 2^-40 x ``scale``: by default a subnormal result (that
+    flushing zeroes too); with ``scale=1.0`` a normal one, so that one unflushed thread
+    among those sharing the work shows (shape (3, 512, 512) spreads it over 2 threads).
+    """
+    inits = [
+        numpy_helper.from_array(np.array(value, np.float32), name)
+        for name, value in (("up", 2.0**100), ("subnormal", 2.0**-140), ("scale", scale))
+    ]
+    inits.append(numpy_helper.from_array(np.array([1, len(CLASSES)], np.int64), "repeats"))
+    node = helper.make_node
+    nodes = [
+        node("Cast", ["images"], ["f"], to=TensorProto.FLOAT),
+        node("Mul", ["f", "up"], ["big"]),
+        node("Mul", ["big", "subnormal"], ["small"]),
+        node("ReduceMean", ["small"], ["mean"], axes=[1, 2, 3], keepdims=1),
+        node("Flatten", ["mean"], ["flat"], axis=1),
+        node("Mul", ["flat", "scale"], ["scaled"]),
+        node("Tile", ["scaled", "repeats"], ["logits"]),
+    ]
+    return _save(path, nodes, inits, shape)
+
+
+def _save(path, nodes, inits, shape, batch_dim="batch", metadata=None) -> Path:
+    """``nodes`` end in ``logits``: add Softmax, the images input, the contract; save."""
+    nodes = [*nodes, helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)]
     graph = helper.make_graph(
         nodes,
         "tiny",
