@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import StageError
-from pipeline.params import DataParams, ModelParams, TrainParams, load_params
+from pipeline.params import DataParams, EngineParams, ModelParams, TrainParams, load_params
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -69,3 +69,6 @@ def test_repository_params_load():
     assert load_params("data", DataParams, root / "params.yaml").source == "digits"
     assert load_params("model", ModelParams, root / "params.yaml").name == "seed_cnn"
     load_params("train", TrainParams, root / "params.yaml")
+    # Off unless a model needs it: the engine then computes what the parity-checked export does.
+    assert load_params("engine", EngineParams, root / "params.yaml").flush_denormals is False
+    assert EngineParams().flush_denormals is False
