@@ -1,9 +1,9 @@
 """Flush-to-zero and denormals-are-zero on the threads that run a model on the CPU.
 
 float32 values below 1.2e-38 (subnormals) cost some x86 CPUs ~45x per operation, so a
-model whose activations or weights underflow runs 45-100x slower there than on others
-(benchmarks/bench_denormals.py). Flushed, they count as 0: every CPU computes the same
-at the same speed, and results differ from IEEE arithmetic by less than 1.2e-38 per value.
+model whose activations or weights underflow runs tens of times slower there than on
+others (benchmarks/bench_denormals.py: 57-148x). Flushed, every such operand and result
+counts as 0, on every CPU alike; in ordinary models no output moves (none did there).
 
 The switches are per thread: MXCSR's FTZ and DAZ bits on x86-64, FPCR's FZ bit on AArch64
 (inputs and results). onnxruntime's session entry ``session.set_denormal_as_zero`` sets
@@ -14,8 +14,8 @@ thread there is no pool and the entry alone changes nothing. So the server also 
 on each thread that calls ``run``, and constructs sessions on a flushed thread, whose pool
 threads inherit its environment ([cfenv.thread]; what covers AArch64 pools), restoring the
 constructing thread afterwards. Through libm's fegetenv/fesetenv (ctypes: no compiler, no
-torch); glibc has no FE_DFL_DISABLE_SSE_DENORMS_ENV (macOS's), and the ``(fenv_t *) -3``
-it would be crashes glibc's fesetenv, so the bits are set in a copy of the environment.
+torch). glibc has no FE_DFL_DISABLE_SSE_DENORMS_ENV (that is macOS's), and handing its
+fesetenv ``(fenv_t *) -3`` segfaults: the bits are set in a copy of the thread's own.
 """
 
 from __future__ import annotations
