@@ -34,6 +34,7 @@ from pipeline.errors import StageError, exit_on_stage_error, run_command, step
 from pipeline.onnx_tools import ONNX_DIR as DEFAULT_ONNX
 from pipeline.onnx_tools import VARIANT_FILES
 from pipeline.params import EngineParams, load_with_overrides
+from serving import denormals
 from serving.compat import EngineError
 from serving.contract import LOGITS_NAME, SIDECAR_SUFFIX, ModelContract
 from serving.trt_backend import open_plan
@@ -93,6 +94,7 @@ class Prepared:
 def prepare_onnxruntime(onnx: Path, params: EngineParams) -> Prepared:
     source = resolve_source(onnx, params.precision)
     check_precision(source, params.precision)
+    check_flush(params.flush_denormals)
 
     def build(engine_path: Path, sidecar_path: Path) -> Runner:
         return optimize_onnxruntime(source, params, engine_path, sidecar_path)
@@ -127,7 +129,7 @@ def optimize_onnxruntime(
         except Exception as exc:  # onnxruntime raises its own pybind types
             first = str(exc).strip().splitlines()[0]
             raise StageError(f"{source.path} does not load in ONNX Runtime: {first}") from None
-    sess = onnx_tools.session(engine_path, params.threads)
+    sess = onnx_tools.session(engine_path, params.threads, params.flush_denormals)
     sidecar = {
         "format": "onnxruntime",
         "metadata": source.contract.to_metadata(),
@@ -140,9 +142,15 @@ def optimize_onnxruntime(
         **onnx_tools.io_specs(sess),
         "onnx_file": source.path.name,
         "onnx_sha256": sha256_file(source.path),
+        denormals.SIDECAR_KEY: params.flush_denormals,
     }
     write_json(sidecar_path, sidecar)
-    return lambda x: onnx_tools.run_logits(sess, x, params.max_batch)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with denormals.flushed(params.flush_denormals):  # this thread calls session.run
+            return onnx_tools.run_logits(sess, x, params.max_batch)
+
+    return run
 
 
 def prepare_tensorrt(onnx: Path, params: EngineParams) -> Prepared:
@@ -203,6 +211,15 @@ TARGETS: dict[str, Callable[[Path, EngineParams], Prepared]] = {
     "onnxruntime": prepare_onnxruntime,
     "tensorrt": prepare_tensorrt,
 }
+
+
+def check_flush(flush_denormals: bool) -> None:
+    if not flush_denormals:
+        return
+    try:
+        denormals.require()
+    except EngineError as exc:
+        raise StageError(f"engine.flush_denormals: {exc}") from None
 
 
 def check_precision(source: Source, precision: str) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import StageError
+from serving import denormals
 from serving.contract import ContractError, ModelContract
 
 # The export stage's output directory and its file per precision; the engine reads them.
@@ -71,18 +72,20 @@ def set_metadata(model: Any, values: Mapping[str, str]) -> None:
         model.metadata_props.add(key=key, value=value)
 
 
-def session(path: Path, threads: int = 0) -> Any:
-    """A CPU ONNX Runtime session; ``threads`` intra-op threads (0 = ONNX Runtime's choice)."""
+def session(path: Path, threads: int = 0, flush_denormals: bool = False) -> Any:
+    """A CPU ONNX Runtime session; ``threads`` intra-op threads (0 = ONNX Runtime's choice).
+    ``flush_denormals`` covers its pool threads; a thread calling run flushes itself."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3  # errors only: a stage prints one line, not ORT's chatter
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own pybind types for every load failure
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StageError(f"{path} does not load in ONNX Runtime: {first}") from None
+    with denormals.for_session(options, flush_denormals):
+        try:
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own pybind types for every failure
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise StageError(f"{path} does not load in ONNX Runtime: {first}") from None
 
 
 def run_logits(sess: Any, x: np.ndarray, batch_size: int) -> np.ndarray:

@@ -169,3 +169,8 @@ class EngineParams:
     version_compatible: bool = False  # tensorrt: plan runs on later TensorRT of this major
     timing_cache: str | None = ".cache/tensorrt"  # tensorrt: directory; None disables it
     threads: int = 0  # onnxruntime: intra-op threads for the accuracy run (0 = all cores)
+    # onnxruntime: compute float32 subnormals as 0 in the accuracy run, recorded in the
+    # sidecar for the server to follow. Off: the engine computes exactly what the
+    # parity-checked export does, and the seed CNN has no subnormals to gain from; turn it
+    # on for a model whose values underflow (benchmarks/bench_denormals.py).
+    flush_denormals: bool = False

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from serving import denormals
 from serving.compat import EngineError, load_sidecar, sidecar_path
 from serving.contract import ContractError, ModelContract, check_io
 from serving.protocol import TensorSpec
@@ -105,7 +106,9 @@ def _spec(node: Any, what: str) -> TensorSpec:
     return TensorSpec(node.name, datatype, shape)
 
 
-def _ort_session(path: Path, provider: str, threads: int, trt_cache_dir: Path | None) -> Any:
+def _ort_session(
+    path: Path, provider: str, threads: int, trt_cache_dir: Path | None, flush: bool = False
+) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -115,13 +118,14 @@ def _ort_session(path: Path, provider: str, threads: int, trt_cache_dir: Path | 
     # Spinning intra-op threads would steal the core the event loop needs between batches.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
-    try:
-        return ort.InferenceSession(
-            str(path), options, providers=_providers(provider, path, trt_cache_dir)
-        )
-    except Exception as exc:  # onnxruntime raises its own pybind types for every load failure
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EngineError(f"{path} is not a loadable ONNX model: {first}") from None
+    with denormals.for_session(options, flush):
+        try:
+            return ort.InferenceSession(
+                str(path), options, providers=_providers(provider, path, trt_cache_dir)
+            )
+        except Exception as exc:  # onnxruntime raises its own pybind types for every failure
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise EngineError(f"{path} is not a loadable ONNX model: {first}") from None
 
 
 def _warn_on_fallback(session: Any, provider: str) -> str:
@@ -154,11 +158,15 @@ def _onnx_contract(session: Any, path: Path, inputs: tuple[TensorSpec, ...]) -> 
 
 
 def load_onnxruntime(
-    path: Path, provider: str = "cpu", threads: int = 0, trt_cache_dir: Path | None = None
+    path: Path,
+    provider: str = "cpu",
+    threads: int = 0,
+    trt_cache_dir: Path | None = None,
+    flush_denormals: bool = False,  # its pool threads; the threads calling run flush themselves
 ) -> OnnxRuntimeBackend:
     import onnxruntime as ort
 
-    session = _ort_session(path, provider, threads, trt_cache_dir)
+    session = _ort_session(path, provider, threads, trt_cache_dir, flush_denormals)
     inputs = tuple(_spec(node, "input") for node in session.get_inputs())
     outputs = tuple(_spec(node, "output") for node in session.get_outputs())
     contract = _onnx_contract(session, path, inputs)
@@ -176,8 +184,9 @@ def _load_plan(path: Path, *_onnxruntime_settings: Any) -> Backend:
     return load_tensorrt(path)  # the plan fixed its own provider, threads and engine
 
 
-# Engine file suffix -> its loader, called with (path, provider, threads, trt_cache_dir).
-LOADERS: dict[str, Callable[[Path, str, int, Path | None], Backend]] = {
+# Engine file suffix -> its loader, called with (path, provider, threads, trt_cache_dir,
+# flush_denormals).
+LOADERS: dict[str, Callable[[Path, str, int, Path | None, bool], Backend]] = {
     ".onnx": load_onnxruntime,
     ".ort": load_onnxruntime,
     ".trt": _load_plan,
@@ -187,7 +196,11 @@ LOADERS: dict[str, Callable[[Path, str, int, Path | None], Backend]] = {
 
 
 def load_backend(
-    path: Path, provider: str = "cpu", threads: int = 0, trt_cache_dir: Path | None = None
+    path: Path,
+    provider: str = "cpu",
+    threads: int = 0,
+    trt_cache_dir: Path | None = None,
+    flush_denormals: bool = False,
 ) -> Backend:
     """Open the engine the way its suffix says; EngineError with one line if it can't be."""
     if not path.is_file():
@@ -199,4 +212,4 @@ def load_backend(
             f"engine file {path} has suffix {suffix or '(none)'}; "
             f"expected one of {', '.join(LOADERS)}"
         )
-    return loader(path, provider, threads, trt_cache_dir)
+    return loader(path, provider, threads, trt_cache_dir, flush_denormals)

@@ -97,6 +97,18 @@ def serve_command(
             envvar=_env("INSTANCES"),
         ),
     ] = 1,
+    flush_denormals: Annotated[
+        bool | None,
+        typer.Option(
+            "--flush-denormals/--no-flush-denormals",
+            help="Compute float32 subnormals as 0 on the threads running the model (x86 FTZ "
+            "and DAZ, AArch64 FZ): models whose values underflow run at full speed on CPUs "
+            "that take ~45x for them. Default: what the engine's sidecar records, off "
+            "without one. See serving/README.md.",
+            envvar=_env("FLUSH_DENORMALS"),
+            show_default=False,
+        ),
+    ] = None,
     warmup: Annotated[
         bool,
         typer.Option(
@@ -167,7 +179,8 @@ def serve_command(
             engine=engine, model_name=model_name, host=host, port=port,
             max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
             max_queue_size=max_queue_size, timeout_ms=timeout_ms, provider=provider.value,
-            threads=threads, instances=instances, warmup=warmup,
+            threads=threads, instances=instances, flush_denormals=flush_denormals,
+            warmup=warmup,
             max_request_bytes=int(max_request_mb * 1024 * 1024), grace_s=grace_s,
             trt_cache_dir=trt_cache_dir,
             max_header_bytes=int(max_header_kb * 1024), idle_timeout_s=idle_timeout_s,

@@ -27,6 +27,9 @@ class ServerConfig:
     provider: str = "cpu"
     threads: int = 0  # onnxruntime intra-op threads per instance; 0 = one per core in all
     instances: int = 1  # model instances (sessions), each with its own worker thread
+    # Subnormals as 0 on the threads running the model; None: what the engine sidecar
+    # records (the setting its accuracy was measured with), off without one.
+    flush_denormals: bool | None = None
     warmup: bool = True
     max_request_bytes: int = 64 * 1024 * 1024
     grace_s: float = 30.0

@@ -133,6 +133,7 @@ def check_io(contract: ModelContract, inputs: tuple[TensorSpec, ...], source: st
 #   "metadata": the metadata_props above (ModelContract.to_metadata())
 #   "onnx_sha256": hash of the ONNX file the engine was built from
 #   "precision", "inputs"/"outputs": [{"name", "dtype", "shape"}]
+#   onnxruntime only: "flush_denormals": bool, what the accuracy run used (serving/denormals.py)
 #   TensorRT only: "tensorrt_version", "gpu_name", "compute_capability" ("8.6"),
 #                  "profile": {"min": [..], "opt": [..], "max": [..]}
 SIDECAR_SUFFIX = ".json"

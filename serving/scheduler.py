@@ -22,6 +22,7 @@ import numpy as np
 
 from serving.backends import Backend
 from serving.batching import BatchQueue, Part, Pending, merge, split
+from serving.denormals import flush_denormals
 from serving.metrics import Metrics, Phases
 
 log = logging.getLogger("serving")
@@ -60,8 +61,10 @@ class Scheduler:
         batches: BatchQueue[Job],
         metrics: Metrics,
         loop: asyncio.AbstractEventLoop,
+        flush_denormals: bool = False,
     ) -> None:
-        """One worker thread per backend (model instance), all taking from ``batches``."""
+        """One worker thread per backend (model instance), all taking from ``batches``;
+        with ``flush_denormals`` each flushes subnormals to zero on its own thread."""
         if not backends:
             raise ValueError("a scheduler needs at least one backend")
         self.metrics = metrics
@@ -72,6 +75,7 @@ class Scheduler:
         self._idle_workers = 0  # guarded by _lock: workers waiting in _next_batch
         self._stopping = False
         self._wake_scheduled = False  # event loop thread only
+        self._flush_denormals = flush_denormals
         self._threads = [
             threading.Thread(
                 target=self._worker, args=(backend,), name=f"batch-worker-{i}", daemon=True
@@ -156,6 +160,8 @@ class Scheduler:
             return None
 
     def _worker(self, backend: Backend) -> None:
+        if self._flush_denormals:
+            flush_denormals()  # the switches are per thread, and this one calls session.run
         idle_since = float("-inf")
         while (parts := self._next_batch(idle_since)) is not None:
             started = merged = ran = perf_counter()

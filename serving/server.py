@@ -9,6 +9,7 @@ requests finish, then exit 0, or 1 if the grace period ran out first.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import os
@@ -17,6 +18,7 @@ from time import perf_counter
 
 import numpy as np
 
+from serving import denormals
 from serving.app import App
 from serving.backends import Backend, load_backend
 from serving.batching import BatchQueue
@@ -39,10 +41,11 @@ def warmup_sizes(max_batch_size: int) -> list[int]:
     return list(dict.fromkeys(sizes))
 
 
-def warm(backend: Backend, sizes: list[int]) -> None:
+def warm(backend: Backend, sizes: list[int], flush_denormals: bool = False) -> None:
     spec = backend.inputs[0]
-    for size in sizes:
-        backend.run(np.zeros((size, *spec.shape[1:]), dtype=np.uint8))
+    with denormals.flushed(flush_denormals):  # an executor thread: as the workers will run
+        for size in sizes:
+            backend.run(np.zeros((size, *spec.shape[1:]), dtype=np.uint8))
 
 
 def instance_threads(config: ServerConfig) -> int:
@@ -58,12 +61,11 @@ def load(config: ServerConfig) -> list[Backend]:
     What was loaded before a failure is closed again.
     """
     threads = instance_threads(config)
+    flush, cache = bool(config.flush_denormals), config.trt_cache_dir
     backends: list[Backend] = []
     try:
         for _ in range(config.instances):
-            backends.append(
-                load_backend(config.engine, config.provider, threads, config.trt_cache_dir)
-            )
+            backends.append(load_backend(config.engine, config.provider, threads, cache, flush))
         max_batch = backends[0].max_batch
         if max_batch is not None and config.max_batch_size > max_batch:
             raise EngineError(
@@ -114,13 +116,13 @@ async def run_server(config: ServerConfig, backends: list[Backend], started: flo
     loop = asyncio.get_running_loop()
     backend = backends[0]  # the instances are alike: any one describes the model
     name = config.model_name or backend.contract.model_name
-    metrics = Metrics(
-        name, config.max_batch_size, {**backend.info, "instances": str(len(backends))}
-    )
+    flush = bool(config.flush_denormals)
+    info = {**backend.info, "instances": str(len(backends)), "flush_denormals": str(flush).lower()}
+    metrics = Metrics(name, config.max_batch_size, info)
     batches = BatchQueue(
         config.max_batch_size, config.max_queue_delay_us / 1e6, config.max_queue_size
     )
-    scheduler = Scheduler(backends, batches, metrics, loop)
+    scheduler = Scheduler(backends, batches, metrics, loop, flush)
     try:
         drained = await _serve(App(config, backend, scheduler, metrics), backends, started)
     finally:
@@ -133,6 +135,7 @@ async def _serve(app: App, backends: list[Backend], started: float) -> bool:
     """Listen, warm up, start the workers, answer until a signal, drain; True if drained."""
     loop = asyncio.get_running_loop()
     config, backend, scheduler, metrics = app.config, app.backend, app.scheduler, app.metrics
+    flush = bool(config.flush_denormals)
     connections: set[HttpConnection] = set()
     server = await loop.create_server(
         lambda: HttpConnection(app, config.max_request_bytes, connections, config.max_header_bytes),
@@ -143,13 +146,14 @@ async def _serve(app: App, backends: list[Backend], started: float) -> bool:
     )
     host, port = server.sockets[0].getsockname()[:2]
     log.info(
-        "listening on http://%s:%d (model %s, %s on %s, %d instance(s))",
+        "listening on http://%s:%d (model %s, %s on %s, %d instance(s), denormals %s)",
         host,
         port,
         app.name,
         backend.info["backend"],
         backend.info["provider"],
         len(backends),
+        "flushed to zero" if flush else "kept",
     )
     timeout = config.idle_timeout_s
     sweeper = loop.create_task(_sweep_idle(connections, timeout)) if timeout else None
@@ -158,7 +162,7 @@ async def _serve(app: App, backends: list[Backend], started: float) -> bool:
         loop.add_signal_handler(sig, stop.set)
     if config.warmup:
         sizes = warmup_sizes(config.max_batch_size)
-        warming = (loop.run_in_executor(None, warm, b, sizes) for b in backends)
+        warming = (loop.run_in_executor(None, warm, b, sizes, flush) for b in backends)
         # Every warm-up ends before a failure is raised: release() closes the backends next.
         results = await asyncio.gather(*warming, return_exceptions=True)
         if failures := [r for r in results if isinstance(r, BaseException)]:
@@ -188,6 +192,8 @@ async def _serve(app: App, backends: list[Backend], started: float) -> bool:
 def serve(config: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT; EngineError (one line) if the engine can't be served."""
     started = perf_counter()
+    flush = denormals.decide(config.flush_denormals, config.engine)
+    config = dataclasses.replace(config, flush_denormals=flush)
     backends = load(config)
     try:
         import uvloop

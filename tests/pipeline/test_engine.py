@@ -28,6 +28,7 @@ from serving.compat import EngineError, HostInfo, check_plan
 from serving.contract import ModelContract
 from tests.pipeline.export_fixtures import CLASS_NAMES, SHAPE, shared_export
 from tests.serving import trt_stand_ins
+from tests.serving.serving_helpers import build_subnormal_model
 
 
 def _cuda() -> bool:
@@ -87,6 +88,22 @@ def test_onnxruntime_target_from_int8_file_folds_relus_and_keeps_accuracy(shared
     assert sidecar["relus_folded_into_quantization"] == 4  # seed_cnn: 3 convs + 1 hidden dense
     ops = [n.op_type for n in onnx.load(str(out)).graph.node]
     assert "QLinearConv" in ops and "Relu" not in ops
+
+
+@pytest.mark.parametrize("flush", [False, True], ids=["kept", "flushed"])
+def test_flush_denormals_applies_to_the_accuracy_run_and_is_recorded(tmp_path, flush):
+    """The runner the accuracy run uses, on a model whose logits are float32 subnormals."""
+    source = build_subnormal_model(tmp_path / "subnormal.onnx", SHAPE)
+    out = tmp_path / "engine.onnx"
+    sidecar = out.with_name(out.name + ".json")
+    prepared = engine.prepare_onnxruntime(
+        source, EngineParams(precision="fp32", flush_denormals=flush)
+    )
+    logits = prepared.build(out, sidecar)(np.full((4, *SHAPE), 7, np.uint8))
+    assert json.loads(sidecar.read_text())["flush_denormals"] is flush
+    tiny = np.finfo(np.float32).tiny
+    assert (logits == 0).all() if flush else ((logits > 0) & (logits < tiny)).all(), logits
+    assert np.float32(1e-30) * np.float32(1e-10) != 0  # and this thread is as it was
 
 
 def test_relu_folding_matches_the_symmetric_model(shared):

@@ -80,6 +80,9 @@ def test_repository_params_load():
     assert load_params("data", DataParams, root / "params.yaml").source == "digits"
     assert load_params("model", ModelParams, root / "params.yaml").name == "seed_cnn"
     load_params("train", TrainParams, root / "params.yaml")
+    # Off unless a model needs it: the engine then computes what the parity-checked export does.
+    assert load_params("engine", EngineParams, root / "params.yaml").flush_denormals is False
+    assert EngineParams().flush_denormals is False
 
 
 SECTIONS = {

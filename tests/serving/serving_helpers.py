@@ -1,8 +1,9 @@
 """Small ONNX models carrying the tensorferry contract, and a real server process to test.
 
 Models are built with onnx.helper (no torch): Cast -> Div -> Flatten -> Gemm gives
-``logits``, Softmax gives ``probabilities``. The "slow" variant adds a batch-independent
-matrix chain so every backend run takes a predictable while (for queue tests).
+``logits``, Softmax gives ``probabilities``. The "slow" variant adds a matrix chain that
+costs every backend run the same whatever the batch or its pixels, for queue tests: about
+2.5 ms per round at 1 intra-op thread on our CI's Xeon VM (30 rounds ~75 ms, 120 ~0.3 s).
 """
 
 from __future__ import annotations
@@ -63,12 +64,14 @@ def contract(shape: tuple[int, int, int] = (3, 8, 8), name: str = "tiny") -> Mod
 
 
 def _slow_nodes(size: int, rounds: int, rng: np.random.Generator) -> tuple[list, list]:
-    """Nodes that cost ``rounds`` [size x size] matmuls per run and add 0 to the logits."""
-    inits = [
-        numpy_helper.from_array(
-            rng.standard_normal((size, size)).astype(np.float32) / size, "w_slow"
-        )
-    ]
+    """Nodes that cost ``rounds`` [size x size] matmuls per run and add 0 to the logits.
+
+    The matrix is orthogonal, so the chain keeps the norm of the batch's mean pixel: its
+    values never decay into float32 subnormals, which cost some x86 CPUs ~45x (a
+    Gaussian matrix / size did, after ~24 rounds), so a run costs the same for any input.
+    """
+    orthogonal, _ = np.linalg.qr(rng.standard_normal((size, size)))
+    inits = [numpy_helper.from_array(orthogonal.astype(np.float32), "w_slow")]
     inits.append(numpy_helper.from_array(np.array(0.0, np.float32), "zero"))
     nodes = [
         helper.make_node("ReduceMean", ["x"], ["mean"], keepdims=0),
@@ -113,7 +116,41 @@ def build_model(
         slow, slow_inits = _slow_nodes(512, slow_rounds, rng)
         nodes += slow
         inits += slow_inits
-    nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1))
+    return _save(path, nodes, inits, shape, batch_dim, metadata)
+
+
+def build_subnormal_model(
+    path: Path, shape: tuple[int, int, int] = (3, 8, 8), scale: float = 2.0**-100
+) -> Path:
+    """A model whose floats underflow, to show which threads flush denormals to zero.
+
+    Every logit is the mean of pixel x 2^100 x 2^-140, times ``scale``. 2^-140 is a
+    subnormal constant, read as 0 by a thread that flushes: logits exactly 0. Elsewhere a
+    logit is the mean pixel x 2^-40 x ``scale``: by default a subnormal result (that
+    flushing zeroes too); with ``scale=1.0`` a normal one, so that one unflushed thread
+    among those sharing the work shows (shape (3, 512, 512) spreads it over 2 threads).
+    """
+    inits = [
+        numpy_helper.from_array(np.array(value, np.float32), name)
+        for name, value in (("up", 2.0**100), ("subnormal", 2.0**-140), ("scale", scale))
+    ]
+    inits.append(numpy_helper.from_array(np.array([1, len(CLASSES)], np.int64), "repeats"))
+    node = helper.make_node
+    nodes = [
+        node("Cast", ["images"], ["f"], to=TensorProto.FLOAT),
+        node("Mul", ["f", "up"], ["big"]),
+        node("Mul", ["big", "subnormal"], ["small"]),
+        node("ReduceMean", ["small"], ["mean"], axes=[1, 2, 3], keepdims=1),
+        node("Flatten", ["mean"], ["flat"], axis=1),
+        node("Mul", ["flat", "scale"], ["scaled"]),
+        node("Tile", ["scaled", "repeats"], ["logits"]),
+    ]
+    return _save(path, nodes, inits, shape)
+
+
+def _save(path, nodes, inits, shape, batch_dim="batch", metadata=None) -> Path:
+    """``nodes`` end in ``logits``: add Softmax, the images input, the contract; save."""
+    nodes = [*nodes, helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)]
     graph = helper.make_graph(
         nodes,
         "tiny",
@@ -220,3 +257,22 @@ def fetch(server: ServerProcess, path: str, body: bytes | None = None, headers: 
             return response.status, response.headers, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.headers, error.read()
+
+
+def wait_until_holding(
+    server: ServerProcess, inflight: int, queued: int, timeout: float = 30.0
+) -> None:
+    """Poll /metrics until ``inflight`` infer requests are unanswered, ``queued`` of them
+    still queued and the rest running: a sync point that holds on a CPU of any speed."""
+    wanted = {"inflight": float(inflight), "pending": float(queued)}
+    deadline = time.monotonic() + timeout
+    while (held := _held(server)) != wanted:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the server never held {wanted}; last {held}")
+        time.sleep(0.005)
+
+
+def _held(server: ServerProcess) -> dict[str, float]:
+    body = fetch(server, "/metrics")[2].decode()
+    found = re.findall(r"^tensorferry_(inflight|pending)_requests\{.*\} (\S+)$", body, re.M)
+    return {name: float(value) for name, value in found}

@@ -21,10 +21,33 @@ def test_help_lists_every_flag_with_its_env_var() -> None:
     result = runner.invoke(app, ["--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     flags = "engine model-name host port max-batch-size max-queue-delay-us max-queue-size "
-    flags += "timeout-ms provider threads instances warmup no-warmup"
+    flags += "timeout-ms provider threads instances flush-denormals no-flush-denormals warmup "
+    flags += "no-warmup"
     for flag in flags.split():
         assert f"--{flag}" in result.output
     assert "TENSORFERRY_PORT" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        ([], {}, None),
+        (["--flush-denormals"], {}, True),
+        (["--no-flush-denormals"], {"TENSORFERRY_FLUSH_DENORMALS": "1"}, False),
+        ([], {"TENSORFERRY_FLUSH_DENORMALS": "true"}, True),
+        ([], {"TENSORFERRY_FLUSH_DENORMALS": "0"}, False),
+    ],
+    ids=["unset-follows-the-sidecar", "flag", "flag-beats-env", "env-true", "env-0"],
+)
+def test_flush_denormals_from_flag_or_env_var(
+    monkeypatch: pytest.MonkeyPatch, args: list[str], env: dict, expected: bool | None
+) -> None:
+    from typer.main import get_command
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    context = get_command(app).make_context("serve", ["--engine", "m.onnx", *args])
+    assert context.params["flush_denormals"] is expected
 
 
 def _no_metadata(tmp: Path) -> Path:

@@ -60,7 +60,9 @@ def test_stalled_and_idle_clients_do_not_block_others_and_are_cut(guarded: Serve
         status, _, seconds = post(guarded, infer_json())
         assert status == 200
         timings.append(seconds)
-    assert max(timings) < 0.5, f"other clients waited {max(timings):.2f} s"
+    # Answered while the stalled clients still hold their connections: a server that waited
+    # on them would have answered only after cutting them (IDLE_S on).
+    assert closed_by_server(stalled_body) is None and closed_by_server(stalled_head) is None
     deadline = time.monotonic() + IDLE_S * 4
     while time.monotonic() < deadline:
         served.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -114,11 +116,11 @@ def _png_claiming(width: int, height: int) -> bytes:
 
 
 def test_decompression_bomb_is_refused_from_its_header(guarded: ServerProcess) -> None:
-    started = time.perf_counter()
+    # The data is a 1x1 image: "exceeds" comes from the size check on the header, before any
+    # decode; decoding it would fail as "not a decodable image" (below).
     for side in (9000, 20000):  # ours (50 MP) and Pillow's own (179 MP) limit
         status, _, body = fetch(guarded, "/v1/classify", _png_claiming(side, side))
         assert status == 400 and "exceeds" in json.loads(body)["error"]
-    assert time.perf_counter() - started < 1.0
     status, _, body = fetch(guarded, "/v1/classify", _png_claiming(64, 64))  # truncated data
     assert status == 400 and "not a decodable image" in json.loads(body)["error"]
 

@@ -401,16 +401,19 @@ def test_statistics_extension(client: httpclient.InferenceServerClient) -> None:
     """Triton's GET .../stats, as tritonclient and perf_analyzer read it."""
     assert "statistics" in client.get_server_metadata()["extensions"]
     before = client.get_inference_statistics("tiny")["model_stats"][0]
+    sent_ms = time.time() * 1e3
     for rows in (3, 2):  # one after the other: two batches
         infer_input = httpclient.InferInput("images", [rows, 3, 8, 8], "UINT8")
         infer_input.set_data_from_numpy(images(rows))
         client.infer("tiny", [infer_input])
+    answered_ms = time.time() * 1e3
     after = client.get_inference_statistics("tiny", "1")["model_stats"][0]
     assert client.get_inference_statistics()["model_stats"][0]["name"] == "tiny"
     assert (after["name"], after["version"]) == ("tiny", "1")
     assert after["inference_count"] - before["inference_count"] == 5
     assert after["execution_count"] - before["execution_count"] == 2
-    assert abs(after["last_inference"] / 1e3 - time.time()) < 10
+    # Wall-clock ms (Triton's unit), between sending and the last answer; 1 ms for rounding.
+    assert sent_ms - 1 <= after["last_inference"] <= answered_ms + 1
 
     def grew(stat: str) -> tuple[int, int]:
         new, old = after["inference_stats"][stat], before["inference_stats"][stat]
