@@ -1,15 +1,17 @@
-"""The batch policy as a pure object: sizes, delays, the idle rule, timeouts, the bound."""
+"""The batch policy as a pure object: sizes, delays, the idle rule, timeouts, the bound, shapes."""
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Hashable
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from serving.batching import BatchQueue, merge
+from serving.batching import BatchQueue, Pending, merge
 
 IDLE_LONG_AGO = float("-inf")
 BUSY = None
@@ -168,6 +170,189 @@ def test_every_row_comes_back_once_in_order_within_the_cap(
     assert len(queue) == 0 and queue.rows == 0
 
 
+# groups: requests of other shapes -----------------------------------------------------------------
+SHORT, LONG = ((1, 16),), ((1, 64),)  # group keys: each input's non-batch shape
+
+
+def test_different_groups_never_share_a_batch() -> None:
+    queue: BatchQueue[str] = BatchQueue(8, 0.0)
+    for name, group in (("a", SHORT), ("b", LONG), ("c", SHORT), ("d", LONG)):
+        queue.put(name, 1, 0.0, group)
+    assert take(queue) == ["a", "c"]
+    assert take(queue) == ["b", "d"]
+    assert take(queue) == []
+
+
+def test_the_oldest_group_goes_first_even_when_a_younger_one_is_full() -> None:
+    queue: BatchQueue[str] = BatchQueue(8, 10.0)
+    queue.put("short", 1, 1.0, SHORT)  # queued behind a running batch: would wait 10 s
+    assert not queue.ready(now=1.0, idle_since=2.0)
+    queue.put("long1", 4, 1.0, LONG)
+    queue.put("long2", 4, 1.0, LONG)
+    assert queue.ready(now=1.0, idle_since=2.0)  # a full batch is waiting: don't idle
+    assert take(queue) == ["short"]
+    assert take(queue) == ["long1", "long2"]
+
+
+def test_the_even_share_is_of_the_group_taken() -> None:
+    queue: BatchQueue[str] = BatchQueue(8, 0.0)
+    for i in range(4):
+        queue.put(f"s{i}", 1, 0.0, SHORT)
+    queue.put("long", 8, 0.0, LONG)
+    assert take(queue, instances=2) == ["s0", "s1"]  # ceil(4 / 2) of SHORT's rows, not of 12
+
+
+def test_emptied_groups_are_dropped_but_the_last_is_kept_for_the_next_batch() -> None:
+    queue: BatchQueue[int] = BatchQueue(8, 0.0)
+    for shape in range(100):  # a client sending a new shape every time
+        queue.put(shape, 1, float(shape), ((shape,),))
+        if shape % 2:
+            queue.take()
+    assert len(queue._groups) == 50
+    while queue.take():
+        pass
+    assert len(queue._groups) == 1 and not queue
+
+
+def test_discard_across_groups() -> None:
+    queue: BatchQueue[str] = BatchQueue(8, 0.5)
+    a = queue.put("a", 2, 1.0, SHORT)
+    b = queue.put("b", 3, 2.0, LONG)
+    queue.put("c", 1, 3.0, SHORT)
+    assert a is not None and b is not None
+    assert queue.discard(a)
+    assert len(queue) == 2 and queue.rows == 4
+    assert queue.wake_at() == 2.5  # b is now the oldest, though in another group
+    assert take(queue) == ["b"]
+    assert not queue.discard(b)
+    d = queue.put("d", 1, 4.0, ((1, 32),))
+    assert d is not None and len(queue._groups) == 2
+    assert queue.discard(d) and len(queue._groups) == 1  # discarding can empty a group too
+    assert take(queue) == ["c"] and queue.wake_at() is None
+
+
+def test_the_bound_counts_requests_of_every_group() -> None:
+    queue: BatchQueue[str] = BatchQueue(8, 0.0, max_queue_size=2)
+    assert queue.put("a", 1, 0.0, SHORT) and queue.put("b", 1, 0.0, LONG)
+    assert queue.put("c", 1, 0.0, ((1, 32),)) is None
+    assert len(queue._groups) == 2  # a rejected request leaves no group behind
+    take(queue)
+    assert queue.put("c", 1, 0.0, ((1, 32),)) is not None
+
+
+@dataclass
+class Request:
+    group: Hashable
+    rows: int
+    at: float
+    pending: Pending[int]
+    parts: list[tuple[int, int]] = field(default_factory=list)
+    discarded: bool = False
+
+    @property
+    def left(self) -> int:
+        return self.rows - sum(stop - start for start, stop in self.parts)
+
+    @property
+    def queued(self) -> bool:
+        return not self.discarded and self.left > 0
+
+
+class Reference:
+    """What the queue must do, worked out from every request it was given."""
+
+    def __init__(self, queue: BatchQueue[int]) -> None:
+        self.queue = queue
+        self.requests: list[Request] = []
+        self.now = 0.0
+
+    def waiting(self, group: Hashable = ...) -> list[int]:
+        """Queued requests in arrival order, of one group or (by default) all."""
+        return [
+            i
+            for i, r in enumerate(self.requests)
+            if r.queued and (group is ... or r.group == group)
+        ]
+
+    def put(self, group: Hashable, rows: int, dt: float) -> None:
+        self.now += dt
+        rows = min(rows, self.queue.max_batch_size)
+        bound = self.queue.max_queue_size
+        pending = self.queue.put(len(self.requests), rows, self.now, group)
+        assert (pending is None) == bool(bound and len(self.waiting()) >= bound)
+        if pending is not None:
+            self.requests.append(Request(group, rows, self.now, pending))
+
+    def discard(self, index: int) -> None:
+        if self.requests:
+            request = self.requests[index % len(self.requests)]
+            discardable = request.queued and not request.parts
+            assert self.queue.discard(request.pending) == discardable
+            request.discarded |= discardable
+
+    def take(self, instances: int, idle: int) -> None:
+        idle = min(idle, instances - 1)
+        waiting = self.waiting()
+        batch = self.queue.take(instances, idle)
+        if not waiting:
+            assert batch == []
+            return
+        # The group of the oldest request anywhere, from its oldest request on, in order.
+        group = self.waiting(self.requests[waiting[0]].group)
+        assert [item for item, _, _ in batch] == group[: len(batch)]
+        rows = sum(stop - start for _, start, stop in batch)
+        share = -(-sum(self.requests[i].left for i in group) // instances)
+        assert rows <= self.queue.max_batch_size and (len(batch) == 1 or rows <= share)
+        for item, start, stop in batch:
+            request = self.requests[item]
+            assert start == request.rows - request.left < stop  # picks up where it stopped
+            request.parts.append((start, stop))
+
+    def check(self) -> None:
+        queue, waiting = self.queue, [self.requests[i] for i in self.waiting()]
+        assert len(queue) == len(waiting) and queue.rows == sum(r.left for r in waiting)
+        assert queue.wake_at() == (waiting[0].at + queue.max_delay_s if waiting else None)
+        rows = {r.group: 0 for r in waiting}
+        for r in waiting:
+            rows[r.group] += r.left
+        # With the other two rules kept from firing, ready() says whether a group is full.
+        full = any(n >= queue.max_batch_size for n in rows.values())
+        assert queue.ready(float("-inf"), float("inf")) == full
+        assert rows.keys() <= queue._groups.keys() and len(queue._groups) <= len(rows) + 1
+
+
+GROUPS = st.sampled_from([None, SHORT, LONG, ((1, 16), (1, 16))])
+PUT = st.tuples(st.just("put"), GROUPS, st.integers(1, 16), st.sampled_from([0, 0.0004, 0.003]))
+OPS = st.one_of(  # two puts to a take, so that groups pile up
+    PUT,
+    PUT,
+    st.tuples(st.just("take"), st.integers(1, 3), st.integers(0, 2)),
+    st.tuples(st.just("discard"), st.integers(0, 79)),
+)
+
+
+@given(
+    ops=st.lists(OPS, min_size=10, max_size=80),
+    max_batch=st.integers(8, 16),
+    bound=st.integers(0, 12),
+)
+def test_mixed_groups_each_row_once_one_group_a_batch_oldest_group_first(
+    ops, max_batch, bound
+) -> None:
+    """Any mix of shapes, takes on 1 to 3 instances and timeouts, on a fake clock."""
+    reference = Reference(BatchQueue(max_batch, 0.001, bound))
+    for name, *args in ops:
+        getattr(reference, name)(*args)
+        reference.check()
+    while reference.waiting():
+        reference.take(1, 0)
+    reference.check()
+    for request in reference.requests:  # every row of every request once, or none if discarded
+        starts = [0] + [stop for _, stop in request.parts]
+        assert [start for start, _ in request.parts] == starts[:-1]
+        assert starts[-1] == (0 if request.discarded else request.rows)
+
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.float32, np.float16, np.bool_, np.int64])
 def test_merge_equals_concatenate(dtype) -> None:
     rng = np.random.default_rng(0)
@@ -177,3 +362,9 @@ def test_merge_equals_concatenate(dtype) -> None:
     assert merged.dtype == dtype and merged.shape == (5, 3, 2, 2)
     np.testing.assert_array_equal(merged, np.concatenate(arrays))
     assert merge(arrays[:1]) is arrays[0]  # a batch of one request is not copied
+
+
+def test_merge_joins_bytes_tensors() -> None:
+    arrays = [np.array([[b"a", b"bc"]], object), np.array([[b"", b"d"], [b"e", b"f"]], object)]
+    merged = merge(arrays)
+    assert merged.dtype == object and merged.tolist() == [[b"a", b"bc"], [b"", b"d"], [b"e", b"f"]]
