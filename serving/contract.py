@@ -1,46 +1,60 @@
-"""The artifact contract between the pipeline and the server.
+"""The artifact contract between the pipeline and the server, version 2.
 
-The export stage writes these keys into the ONNX model's ``metadata_props`` and the
-engine stage mirrors them into the engine sidecar (``<engine>.json``); the server reads
-them back. Both sides import this module, so a key is spelled in exactly one place.
-The module must stay free of torch and onnx: it runs on serving images.
+A served model has a **signature** (its input and output tensors, read from the graph or
+the TensorRT engine, never from metadata) and may carry a **contract**: task metadata
+that tensorferry's export stage writes into the ONNX ``metadata_props`` and the engine
+stage mirrors into the engine sidecar (``<engine>.json``). A model without any
+``tensorferry.*`` key is served from its signature alone, as Triton auto-completes a
+config. Both sides import this module, so each key is spelled in exactly one place; it
+must stay free of torch and onnx, as it runs on serving images.
+
+Version 1 (no ``tensorferry.contract_version`` key, written before the contract had a
+task) described one uint8 NCHW image input; it is read as an image classifier, so models
+exported then keep serving unchanged.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Any
 
-from serving.protocol import TensorSpec
-
+CONTRACT_VERSION = 2
 INPUT_NAME = "images"
 LOGITS_NAME = "logits"
 PROBABILITIES_NAME = "probabilities"
 
+# What a model does; the server offers task-specific routes (/v1/classify) only for the
+# task they fit.
+IMAGE_CLASSIFICATION = "image_classification"
+TASKS = (
+    IMAGE_CLASSIFICATION,
+    "sequence_classification",
+    "tabular_classification",
+    "regression",
+    "none",
+)
+
 # metadata_props keys. Values are strings; lists and objects are JSON-encoded.
+KEY_CONTRACT_VERSION = "tensorferry.contract_version"  # "2"
 KEY_MODEL_NAME = "tensorferry.model_name"
-KEY_CLASS_NAMES = "tensorferry.class_names"  # JSON list of str
-KEY_INPUT_NAME = "tensorferry.input_name"
-KEY_INPUT_LAYOUT = "tensorferry.input_layout"  # "NCHW"
-KEY_INPUT_SHAPE = "tensorferry.input_shape"  # JSON [C, H, W], batch excluded
-KEY_INPUT_DTYPE = "tensorferry.input_dtype"  # "uint8"
-KEY_VALUE_RANGE = "tensorferry.value_range"  # JSON [0, 255]
+KEY_TASK = "tensorferry.task"  # one of TASKS
+KEY_CLASS_NAMES = "tensorferry.class_names"  # JSON list of str; [] when the task has none
+KEY_PREPROCESSING = "tensorferry.preprocessing"  # JSON object, see Preprocessing
 KEY_PRECISION = "tensorferry.precision"  # "fp32" | "fp16" | "int8"
 KEY_DATA_FINGERPRINT = "tensorferry.data_fingerprint"
 KEY_PARAMS_HASH = "tensorferry.params_hash"
 KEY_GIT_REVISION = "tensorferry.git_revision"  # "" when unknown
-
-REQUIRED_KEYS = (
-    KEY_MODEL_NAME,
-    KEY_CLASS_NAMES,
-    KEY_INPUT_NAME,
-    KEY_INPUT_LAYOUT,
-    KEY_INPUT_SHAPE,
-    KEY_INPUT_DTYPE,
-    KEY_VALUE_RANGE,
-    KEY_PRECISION,
+# Version 1's image keys, read only.
+V1_KEYS = (
+    "tensorferry.input_name",
+    "tensorferry.input_layout",  # "NCHW"
+    "tensorferry.input_shape",  # JSON [C, H, W], batch excluded
+    "tensorferry.input_dtype",  # "uint8"
+    "tensorferry.value_range",  # JSON [0, 255]
 )
+PREFIX = "tensorferry."
 
 
 class ContractError(ValueError):
@@ -48,83 +62,226 @@ class ContractError(ValueError):
 
 
 @dataclass(frozen=True)
+class TensorSpec:
+    """One input or output: its name, OIP datatype and shape (-1: a dynamic dim)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+    def describe(self) -> str:
+        return f"{self.name} {self.datatype} {list(self.shape)}"
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A model's tensors. ``batching``: the first dim of every tensor is the batch, so
+    requests may merge; otherwise requests send full shapes (Triton's max_batch_size 0)."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    batching: bool
+
+    @classmethod
+    def from_graph(cls, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]):
+        """A batching model iff the first dim is dynamic in every input and output."""
+        tensors = inputs + outputs
+        return cls(inputs, outputs, all(s.shape and s.shape[0] == -1 for s in tensors))
+
+    def input(self, name: str) -> TensorSpec | None:
+        return next((s for s in self.inputs if s.name == name), None)
+
+    def describe(self) -> str:
+        batching = "batching on the first dim" if self.batching else "no batch dim"
+        ins = ", ".join(s.describe() for s in self.inputs)
+        outs = ", ".join(s.describe() for s in self.outputs)
+        return f"inputs {ins}; outputs {outs}; {batching}"
+
+
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """How an image becomes the model's input: decoded to ``layout`` [C, H, W] ``dtype``
+    pixels in ``value_range`` (normalisation is inside the graph)."""
+
+    input_name: str
+    layout: str
+    shape: tuple[int, int, int]  # C, H, W
+    dtype: str
+    value_range: tuple[float, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "input": self.input_name,
+            "layout": self.layout,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "value_range": list(self.value_range),
+        }
+
+    @classmethod
+    def from_json(cls, entry: Mapping[str, Any]) -> ImagePreprocessing:
+        shape = tuple(int(v) for v in entry["shape"])
+        value_range = tuple(float(v) for v in entry["value_range"])
+        if len(shape) != 3 or len(value_range) != 2:
+            raise ValueError(f"image shape {list(shape)} / value_range {list(value_range)}")
+        return cls(
+            str(entry["input"]),
+            str(entry["layout"]),
+            shape,  # type: ignore[arg-type]
+            str(entry["dtype"]),
+            value_range,  # type: ignore[arg-type]
+        )
+
+
+@dataclass(frozen=True)
 class ModelContract:
-    """What a server needs to know to feed a model and label its answers."""
+    """Task metadata a tensorferry artifact carries beside its signature."""
 
     model_name: str
-    class_names: tuple[str, ...]
-    input_name: str
-    input_layout: str
-    input_shape: tuple[int, int, int]
-    input_dtype: str
-    value_range: tuple[float, float]
-    precision: str
+    task: str = "none"
+    class_names: tuple[str, ...] = ()
+    image: ImagePreprocessing | None = None  # image models only
+    precision: str = ""
     data_fingerprint: str = ""
     params_hash: str = ""
     git_revision: str = ""
 
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ContractError(f"task {self.task!r} is not one of {', '.join(TASKS)}")
+
     def to_metadata(self) -> dict[str, str]:
+        preprocessing = {"image": self.image.to_json()} if self.image else {}
         return {
+            KEY_CONTRACT_VERSION: str(CONTRACT_VERSION),
             KEY_MODEL_NAME: self.model_name,
+            KEY_TASK: self.task,
             KEY_CLASS_NAMES: json.dumps(list(self.class_names)),
-            KEY_INPUT_NAME: self.input_name,
-            KEY_INPUT_LAYOUT: self.input_layout,
-            KEY_INPUT_SHAPE: json.dumps(list(self.input_shape)),
-            KEY_INPUT_DTYPE: self.input_dtype,
-            KEY_VALUE_RANGE: json.dumps(list(self.value_range)),
+            KEY_PREPROCESSING: json.dumps(preprocessing),
             KEY_PRECISION: self.precision,
             KEY_DATA_FINGERPRINT: self.data_fingerprint,
             KEY_PARAMS_HASH: self.params_hash,
             KEY_GIT_REVISION: self.git_revision,
         }
 
-    def to_json(self) -> dict:
-        return asdict(self)
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model_name": self.model_name,
+            "task": self.task,
+            "class_names": list(self.class_names),
+            "preprocessing": {"image": self.image.to_json()} if self.image else {},
+            "precision": self.precision,
+        }
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, str], source: str = "model") -> ModelContract:
-        missing = [key for key in REQUIRED_KEYS if key not in metadata]
-        if missing:
+        """The contract in ``metadata``; ContractError naming what is missing or garbled."""
+        version = metadata.get(KEY_CONTRACT_VERSION)
+        if version is None:
+            return _from_v1(metadata, source)
+        if version != str(CONTRACT_VERSION):
             raise ContractError(
-                f"{source} lacks tensorferry metadata {', '.join(missing)}; "
-                "export it with `tensorferry export`"
+                f"{source} has tensorferry contract version {version!r}; this server reads "
+                f"versions 1 and {CONTRACT_VERSION}"
             )
+        _require(metadata, (KEY_MODEL_NAME, KEY_TASK), source)
         try:
-            shape = tuple(int(v) for v in json.loads(metadata[KEY_INPUT_SHAPE]))
-            value_range = tuple(float(v) for v in json.loads(metadata[KEY_VALUE_RANGE]))
-            class_names = tuple(str(v) for v in json.loads(metadata[KEY_CLASS_NAMES]))
-        except (ValueError, TypeError) as exc:
-            raise ContractError(f"{source} has malformed tensorferry metadata: {exc}") from exc
-        if len(shape) != 3 or len(value_range) != 2 or not class_names:
-            raise ContractError(
-                f"{source} has malformed tensorferry metadata: input_shape {list(shape)}, "
-                f"value_range {list(value_range)}, {len(class_names)} class names"
+            preprocessing = json.loads(metadata.get(KEY_PREPROCESSING, "{}"))
+            image = preprocessing.get("image")
+            return cls(
+                model_name=metadata[KEY_MODEL_NAME],
+                task=metadata[KEY_TASK],
+                class_names=_class_names(metadata),
+                image=None if image is None else ImagePreprocessing.from_json(image),
+                **_provenance(metadata),
             )
-        return cls(
-            model_name=metadata[KEY_MODEL_NAME],
-            class_names=class_names,
-            input_name=metadata[KEY_INPUT_NAME],
-            input_layout=metadata[KEY_INPUT_LAYOUT],
-            input_shape=shape,  # type: ignore[arg-type]
-            input_dtype=metadata[KEY_INPUT_DTYPE],
-            value_range=value_range,  # type: ignore[arg-type]
-            precision=metadata[KEY_PRECISION],
-            data_fingerprint=metadata.get(KEY_DATA_FINGERPRINT, ""),
-            params_hash=metadata.get(KEY_PARAMS_HASH, ""),
-            git_revision=metadata.get(KEY_GIT_REVISION, ""),
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise ContractError(f"{source} has malformed tensorferry metadata: {exc}") from None
+
+
+def read_contract(metadata: Mapping[str, str], source: str) -> ModelContract | None:
+    """The contract, or None for a model without any tensorferry key (a bare graph)."""
+    if not any(key.startswith(PREFIX) for key in metadata):
+        return None
+    return ModelContract.from_metadata(metadata, source)
+
+
+def _require(metadata: Mapping[str, str], keys: tuple[str, ...], source: str) -> None:
+    missing = [key for key in keys if key not in metadata]
+    if missing and not any(key.startswith(PREFIX) for key in metadata):
+        raise ContractError(
+            f"{source} lacks tensorferry metadata {', '.join(missing)}; "
+            "export it with `tensorferry export`"
+        )
+    if missing:
+        raise ContractError(
+            f"{source} has partial tensorferry metadata: it lacks {', '.join(missing)}; "
+            "re-export it with `tensorferry export`, or strip the tensorferry.* keys to "
+            "serve it from its graph alone"
         )
 
 
-def check_io(contract: ModelContract, inputs: tuple[TensorSpec, ...], source: str) -> None:
-    """The graph must take what the contract says: one uint8 [N, C, H, W] input, batch dynamic."""
-    want = TensorSpec(
-        contract.input_name, contract.input_dtype.upper(), (-1, *contract.input_shape)
+def _class_names(metadata: Mapping[str, str]) -> tuple[str, ...]:
+    names = json.loads(metadata.get(KEY_CLASS_NAMES, "[]"))
+    if not isinstance(names, list):
+        raise ValueError(f"class_names must be a JSON list, not {names!r}")
+    return tuple(str(v) for v in names)
+
+
+def _provenance(metadata: Mapping[str, str]) -> dict[str, str]:
+    return {
+        "precision": metadata.get(KEY_PRECISION, ""),
+        "data_fingerprint": metadata.get(KEY_DATA_FINGERPRINT, ""),
+        "params_hash": metadata.get(KEY_PARAMS_HASH, ""),
+        "git_revision": metadata.get(KEY_GIT_REVISION, ""),
+    }
+
+
+def _from_v1(metadata: Mapping[str, str], source: str) -> ModelContract:
+    _require(metadata, (KEY_MODEL_NAME, KEY_CLASS_NAMES, *V1_KEYS, KEY_PRECISION), source)
+    name, layout, shape, dtype, value_range = (metadata[key] for key in V1_KEYS)
+    try:
+        image = ImagePreprocessing.from_json(
+            {
+                "input": name,
+                "layout": layout,
+                "shape": json.loads(shape),
+                "dtype": dtype,
+                "value_range": json.loads(value_range),
+            }
+        )
+        class_names = _class_names(metadata)
+    except (ValueError, TypeError) as exc:
+        raise ContractError(f"{source} has malformed tensorferry metadata: {exc}") from None
+    if not class_names:
+        raise ContractError(f"{source} has malformed tensorferry metadata: no class names")
+    return ModelContract(
+        model_name=metadata[KEY_MODEL_NAME],
+        task=IMAGE_CLASSIFICATION,
+        class_names=class_names,
+        image=image,
+        **_provenance(metadata),
     )
-    if len(inputs) != 1 or inputs[0] != want:
-        got = [f"{i.name} {i.datatype} {list(i.shape)}" for i in inputs]
+
+
+def check_io(contract: ModelContract | None, signature: Signature, source: str) -> None:
+    """The graph must take what the contract's preprocessing produces.
+
+    An image model's input is uint8 [N, C, H, W] with a dynamic batch; other contracts
+    constrain nothing the graph does not already say.
+    """
+    image = None if contract is None else contract.image
+    if image is None:
+        return
+    want = TensorSpec(image.input_name, image.dtype.upper(), (-1, *image.shape))
+    if signature.input(image.input_name) != want or not signature.batching:
+        got = [s.describe() for s in signature.inputs]
         raise ContractError(
             f"{source} inputs {got} do not match its metadata "
-            f"({want.name} {want.datatype} {list(want.shape)} with a dynamic batch)"
+            f"({want.describe()} with a dynamic batch)"
         )
 
 
@@ -136,4 +293,6 @@ def check_io(contract: ModelContract, inputs: tuple[TensorSpec, ...], source: st
 #   onnxruntime only: "flush_denormals": bool, what the accuracy run used (serving/denormals.py)
 #   TensorRT only: "tensorrt_version", "gpu_name", "compute_capability" ("8.6"),
 #                  "profile": {"min": [..], "opt": [..], "max": [..]}
+# A TensorRT plan without a sidecar is served from the engine's own I/O and profile, with
+# no host check before deserializing (TensorRT's own error says what mismatched).
 SIDECAR_SUFFIX = ".json"
