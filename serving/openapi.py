@@ -1,8 +1,10 @@
 """``GET /v2/openapi.json``: an OpenAPI 3.0 description of the JSON routes, for this model.
 
 The API fuzz test (schemathesis) reads it from the running server, so what is fuzzed is
-what is served. It describes the JSON form of infer; the binary tensor extension is a
-framing on top of it (see the protocol reference) that OpenAPI cannot express.
+what is served, and a request the document allows is one the server answers: every input
+once, with an exact shape and as many values as that shape holds. It describes the JSON
+form of infer; the binary tensor extension is a framing on top of it (see the protocol
+reference) that OpenAPI cannot express.
 """
 
 from __future__ import annotations
@@ -12,7 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from serving.protocol import DATATYPES, TensorSpec
+from serving.contract import Signature, TensorSpec
+from serving.protocol import DATATYPES
+
+# Batch sizes the document offers, from 1: each is one more alternative shape per input.
+_DOCUMENTED_BATCH = 2
 
 _ERROR = {
     "description": "Error",
@@ -59,33 +65,93 @@ def _element(spec: TensorSpec) -> dict[str, Any]:
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
         return {"type": "integer", "minimum": int(info.min), "maximum": int(info.max)}
-    return {"type": "boolean"} if dtype.kind == "b" else {"type": "number"}
+    if dtype.kind == "f":  # finite in the dtype, so no value overflows to inf on the way in
+        largest = float(np.finfo(dtype).max)
+        return {"type": "number", "minimum": -largest, "maximum": largest}
+    return {"type": "boolean"} if dtype.kind == "b" else {"type": "string"}
 
 
-def _infer_request(spec: TensorSpec, max_batch: int) -> dict[str, Any]:
-    tensor = {
+def _zero(spec: TensorSpec) -> Any:
+    kind = DATATYPES[spec.datatype].kind
+    return {"b": False, "O": "", "f": 0.0}.get(kind, 0)
+
+
+def _shapes(signature: Signature, batch: int) -> list[list[int]]:
+    """Every input's exact shape for ``batch`` rows; a dynamic non-batch dim is 1."""
+    shapes = []
+    for spec in signature.inputs:
+        dims = [1 if d == -1 else d for d in spec.shape]
+        shapes.append([batch, *dims[1:]] if signature.batching else dims)
+    return shapes
+
+
+def _tensor(spec: TensorSpec, shape: list[int]) -> dict[str, Any]:
+    count = math.prod(shape)
+    return {
         "type": "object",
         "required": ["name", "shape", "datatype", "data"],
         "properties": {
             "name": {"type": "string", "enum": [spec.name]},
-            "shape": {
-                "type": "array",
-                "items": {"type": "integer", "minimum": 1, "maximum": max_batch},
-                "minItems": len(spec.shape),
-                "maxItems": len(spec.shape),
-            },
+            "shape": {"type": "array", "items": {"type": "integer"}, "enum": [shape]},
             "datatype": {"type": "string", "enum": [spec.datatype]},
-            "data": {"type": "array", "items": _element(spec)},
+            "data": {
+                "type": "array",
+                "items": _element(spec),
+                "minItems": count,
+                "maxItems": count,
+            },
         },
     }
-    output = {
-        "type": "object",
-        "required": ["name"],
-        "properties": {
-            "name": {"type": "string"},
-            "parameters": {"type": "object", "properties": {"binary_data": {"type": "boolean"}}},
-        },
+
+
+def _each_once(schemas: list[dict[str, Any]]) -> dict[str, Any]:
+    """An array holding one item for each of ``schemas`` (distinct by name), in any order."""
+    if len(schemas) <= 1:
+        items = schemas[0] if schemas else {}
+        return {"type": "array", "items": items, "minItems": len(schemas), "maxItems": len(schemas)}
+    return {
+        "type": "array",
+        "items": {"oneOf": schemas},
+        "minItems": len(schemas),
+        "maxItems": len(schemas),
+        # OpenAPI 3.0's JSON Schema has no `contains`: "not every item fails to match".
+        "allOf": [{"not": {"items": {"not": schema}}} for schema in schemas],
     }
+
+
+def _inputs(signature: Signature, max_batch: int) -> dict[str, Any]:
+    """Every input once, with one exact shape per batch size, so the inputs agree on it
+    and ``data`` fits it: a schema-valid request is one the server answers."""
+    batches = range(1, min(max_batch, _DOCUMENTED_BATCH) + 1) if signature.batching else [1]
+    options = [
+        _each_once(
+            [
+                _tensor(spec, shape)
+                for spec, shape in zip(signature.inputs, _shapes(signature, b), strict=True)
+            ]
+        )
+        for b in batches
+    ]
+    return options[0] if len(options) == 1 else {"oneOf": options}
+
+
+def _outputs(signature: Signature) -> dict[str, Any]:
+    """Every output once (or none of them: the property is optional, and means all), each
+    JSON or binary, a numeric one also as top-k classes (the classification extension)."""
+    entries = []
+    for spec in signature.outputs:
+        parameters: dict[str, Any] = {"binary_data": {"type": "boolean"}}
+        if spec.datatype not in ("BOOL", "BYTES"):
+            parameters["classification"] = {"type": "integer", "minimum": 1}
+        properties = {
+            "name": {"type": "string", "enum": [spec.name]},
+            "parameters": {"type": "object", "properties": parameters},
+        }
+        entries.append({"type": "object", "required": ["name"], "properties": properties})
+    return _each_once(entries)
+
+
+def _infer_request(signature: Signature, max_batch: int) -> dict[str, Any]:
     parameters = {
         "timeout": {"type": "integer", "minimum": 0},
         "binary_data_output": {"type": "boolean"},
@@ -96,26 +162,25 @@ def _infer_request(spec: TensorSpec, max_batch: int) -> dict[str, Any]:
         "properties": {
             "id": {"type": "string"},
             "parameters": {"type": "object", "properties": parameters},
-            "inputs": {"type": "array", "items": tensor, "minItems": 1, "maxItems": 1},
-            "outputs": {"type": "array", "items": output},
+            "inputs": _inputs(signature, max_batch),
+            "outputs": _outputs(signature),
         },
     }
 
 
-def _infer(spec: TensorSpec, max_batch: int, *params: dict[str, Any]) -> dict[str, Any]:
-    one = [1, *spec.shape[1:]]
-    example = {
-        "id": "example",
-        "inputs": [
-            {
-                "name": spec.name,
-                "shape": one,
-                "datatype": spec.datatype,
-                "data": [0] * math.prod(one),
-            }
-        ],
-    }
-    body = {"schema": _infer_request(spec, max_batch), "example": example}
+def _infer(signature: Signature, max_batch: int, *params: dict[str, Any]) -> dict[str, Any]:
+    shapes = _shapes(signature, 1)
+    inputs = [
+        {
+            "name": spec.name,
+            "shape": shape,
+            "datatype": spec.datatype,
+            "data": [_zero(spec)] * math.prod(shape),
+        }
+        for spec, shape in zip(signature.inputs, shapes, strict=True)
+    ]
+    example = {"id": "example", "inputs": inputs}
+    body = {"schema": _infer_request(signature, max_batch), "example": example}
     return {
         "post": {
             "summary": "Run the model on one request (JSON tensors)",
@@ -139,8 +204,11 @@ def _classify() -> dict[str, Any]:
     }
 
 
-def document(model: str, version: str, spec: TensorSpec, max_batch: int) -> dict[str, Any]:
-    """The OpenAPI document for a server of ``model`` whose input is ``spec``."""
+def document(
+    model: str, version: str, signature: Signature, max_batch: int, classify: bool = True
+) -> dict[str, Any]:
+    """The OpenAPI document for a server of ``model`` with ``signature``; ``classify``:
+    whether it offers /v1/classify (image classifiers only)."""
     base, versioned = "/v2/models/{model_name}", "/v2/models/{model_name}/versions/{model_version}"
     name, version_param = _path("model_name", model), _path("model_version", "1")
     text = {"description": "Prometheus text", "content": {"text/plain": {"schema": {}}}}
@@ -156,10 +224,11 @@ def document(model: str, version: str, spec: TensorSpec, max_batch: int) -> dict
         base + "/stats": _get(_OBJECT, "Triton statistics extension", name),
         "/v2/models/stats": _get(_OBJECT, "Triton statistics extension, every model"),
         versioned: _get(_OBJECT, "Model metadata", name, version_param),
-        base + "/infer": _infer(spec, max_batch, name),
-        versioned + "/infer": _infer(spec, max_batch, name, version_param),
-        "/v1/classify": _classify(),
+        base + "/infer": _infer(signature, max_batch, name),
+        versioned + "/infer": _infer(signature, max_batch, name, version_param),
     }
+    if classify:
+        paths["/v1/classify"] = _classify()
     return {
         "openapi": "3.0.3",
         "info": {"title": f"tensorferry serving {model}", "version": version},

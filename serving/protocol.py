@@ -1,19 +1,29 @@
 """Open Inference Protocol v2 infer bodies: JSON tensors and the binary tensor extension.
 
-Decoding validates everything a request can get wrong (names, datatypes, shapes, byte
-counts) so a bad request is answered 400 before it joins a batch.
+A request carries every input of the model's signature, any OIP datatype (BYTES
+included), each as JSON ``data`` or as binary data after the JSON header. Each output
+comes back as asked: JSON or binary, the tensor itself or Triton's classification
+extension (the top k values as ``"<value>:<index>[:<label>]"`` strings).
+
+Decoding validates everything a request can get wrong (names, datatypes, shapes, batch
+sizes, byte counts, BYTES framing) so a bad request is answered 400 before it joins a
+batch.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+import struct
 from typing import Any, NamedTuple
 
 import numpy as np
 
-# OIP datatype -> little-endian numpy dtype (BYTES has no fixed width; our models never use it).
+from serving.contract import Signature, TensorSpec
+
+# OIP datatype -> little-endian numpy dtype. BYTES elements have no fixed width: decoded,
+# they are an object array of str, which is what onnxruntime's string tensors take (it
+# turns a bytes element into the text "b'...'").
 DATATYPES: dict[str, np.dtype] = {
     name: np.dtype(code)
     for name, code in {
@@ -29,31 +39,37 @@ DATATYPES: dict[str, np.dtype] = {
         "FP16": "<f2",
         "FP32": "<f4",
         "FP64": "<f8",
+        "BYTES": "O",
     }.items()
 }
+_LENGTH = struct.Struct("<I")  # the 4-byte length before each binary BYTES element
 
 
 class ProtocolError(ValueError):
     """The request is malformed; answered 400 with this message."""
 
 
-@dataclass(frozen=True)
-class TensorSpec:
+class RequestedOutput(NamedTuple):
     name: str
-    datatype: str
-    shape: tuple[int, ...]  # -1 marks the batch dimension
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+    binary: bool
+    classification: int = 0  # top-k classes asked for; 0: the tensor itself
 
 
 class InferRequest(NamedTuple):  # a tuple: built for every request, cheaper than a dataclass
-    array: np.ndarray  # the model's one input, batch first
-    outputs: tuple[tuple[str, bool], ...]  # (name, binary) in the order to answer
+    inputs: dict[str, np.ndarray]  # every model input, in signature order
+    rows: int  # the batch (first dim) of a batching model; 1 for a non-batching one
+    group: tuple  # requests batch together only within a group: inputs' non-batch shapes
+    outputs: tuple[RequestedOutput, ...]  # in the order to answer
     request_id: str | None = None
     timeout_us: int | None = None
 
 
+# Where each binary input lies after the JSON header, for InferCodec to reuse:
+# (name, dtype, element count, byte offset, shape) per input, in signature order.
+_Layout = tuple[tuple[str, np.dtype, int, int, tuple[int, ...]], ...]
+
+
+# the JSON header -------------------------------------------------------------------------
 def _header(body: bytes, header_length: int | None) -> tuple[dict[str, Any], memoryview]:
     view = memoryview(body)
     if header_length is not None and not 0 < header_length <= len(body):
@@ -71,136 +87,8 @@ def _header(body: bytes, header_length: int | None) -> tuple[dict[str, Any], mem
     return header, view[end:]
 
 
-def _shape(entry: dict[str, Any], spec: TensorSpec, max_batch: int) -> tuple[int, ...]:
-    shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(type(d) is int for d in shape):
-        raise ProtocolError(f"input '{spec.name}' needs a shape list of integers, got {shape!r}")
-    expected = spec.shape[1:]
-    if len(shape) != len(spec.shape) or tuple(shape[1:]) != expected:
-        want = [-1, *expected]
-        raise ProtocolError(f"input '{spec.name}' has shape {shape}; model expects {want}")
-    if not 1 <= shape[0] <= max_batch:
-        raise ProtocolError(
-            f"input '{spec.name}' has batch {shape[0]}; this server takes 1 to {max_batch}"
-        )
-    return tuple(shape)
-
-
-# Which parsed JSON array kinds each tensor kind accepts, and how to say so.
-_JSON_KINDS = {"i": "iu", "u": "iu", "f": "iuf", "b": "b"}
-_KIND_WORDS = {"i": "integers", "u": "integers", "f": "numbers", "b": "booleans"}
-
-
-def _json_data(data: Any, spec: TensorSpec, shape: tuple[int, ...]) -> np.ndarray:
-    dtype = DATATYPES[spec.datatype]
-    try:
-        raw = np.asarray(data)
-    except ValueError as exc:
-        raise ProtocolError(f"input '{spec.name}' data is ragged: {exc}") from None
-    if raw.size != math.prod(shape):
-        raise ProtocolError(
-            f"input '{spec.name}' has {raw.size} values; shape {list(shape)} needs "
-            f"{math.prod(shape)}"
-        )
-    if raw.size and raw.dtype.kind not in _JSON_KINDS[dtype.kind]:
-        words = _KIND_WORDS[dtype.kind]
-        raise ProtocolError(f"input '{spec.name}' data must be {words} for {spec.datatype}")
-    if dtype.kind in "iu" and raw.size:
-        info = np.iinfo(dtype)
-        if raw.min() < info.min or raw.max() > info.max:
-            raise ProtocolError(f"input '{spec.name}' data is out of range for {spec.datatype}")
-    return raw.astype(dtype).reshape(shape)
-
-
-def _binary_data(
-    entry: dict[str, Any], spec: TensorSpec, shape: tuple[int, ...], binary: memoryview, at: int
-) -> np.ndarray:
-    size = entry["parameters"]["binary_data_size"]
-    dtype = DATATYPES[spec.datatype]
-    need = math.prod(shape) * dtype.itemsize
-    if type(size) is not int or size != need:
-        raise ProtocolError(
-            f"input '{spec.name}' declares binary_data_size {size}; shape {list(shape)} of "
-            f"{spec.datatype} needs {need} bytes"
-        )
-    if at + size > len(binary):
-        raise ProtocolError(
-            f"input '{spec.name}' binary data runs past the body: {len(binary)} bytes follow "
-            f"the JSON header, inputs declare at least {at + size}"
-        )
-    return np.frombuffer(binary, dtype=dtype, count=math.prod(shape), offset=at).reshape(shape)
-
-
-def _input(
-    header: dict[str, Any], spec: TensorSpec, binary: memoryview, max_batch: int
-) -> np.ndarray:
-    inputs = header.get("inputs")
-    if not isinstance(inputs, list) or not all(isinstance(i, dict) for i in inputs):
-        raise ProtocolError("request needs an 'inputs' list of tensor objects")
-    names = [i.get("name") for i in inputs]
-    if names != [spec.name]:
-        unknown = [n for n in names if n != spec.name]
-        detail = f"unknown input {unknown[0]!r}" if unknown else f"inputs {names}"
-        raise ProtocolError(f"{detail}; the model takes exactly one input '{spec.name}'")
-    entry = inputs[0]
-    if entry.get("datatype") != spec.datatype:
-        raise ProtocolError(
-            f"input '{spec.name}' has datatype {entry.get('datatype')!r}; "
-            f"model expects {spec.datatype}"
-        )
-    shape = _shape(entry, spec, max_batch)
-    parameters = entry.get("parameters") or {}
-    if isinstance(parameters, dict) and "binary_data_size" in parameters:
-        array = _binary_data(entry, spec, shape, binary, 0)
-        used = array.nbytes
-    elif "data" in entry:
-        array, used = _json_data(entry["data"], spec, shape), 0
-    else:
-        raise ProtocolError(f"input '{spec.name}' has neither 'data' nor binary_data_size")
-    if used != len(binary):
-        raise ProtocolError(
-            f"{len(binary)} bytes of binary data follow the JSON header but inputs declare {used}"
-        )
-    return array
-
-
-def _outputs(header: dict[str, Any], specs: tuple[TensorSpec, ...]) -> tuple[tuple[str, bool], ...]:
-    parameters = header.get("parameters") or {}
-    default_binary = bool(parameters.get("binary_data_output", False))
-    requested = header.get("outputs")
-    if requested is None:
-        return tuple((s.name, default_binary) for s in specs)
-    if not isinstance(requested, list) or not all(isinstance(o, dict) for o in requested):
-        raise ProtocolError("'outputs' must be a list of objects")
-    known = {s.name for s in specs}
-    chosen = []
-    for entry in requested:
-        name = entry.get("name")
-        if not isinstance(name, str) or name not in known:
-            raise ProtocolError(f"unknown output {name!r}; the model has {sorted(known)}")
-        parameters = entry.get("parameters") or {}
-        if not isinstance(parameters, dict):
-            raise ProtocolError(f"output '{name}' parameters must be an object")
-        chosen.append((name, bool(parameters.get("binary_data", default_binary))))
-    return tuple(chosen)
-
-
-def decode_infer(
-    body: bytes,
-    header_length: int | None,
-    spec: TensorSpec,
-    outputs: tuple[TensorSpec, ...],
-    max_batch: int,
-) -> InferRequest:
-    """Parse and validate an infer body against the model's input and outputs."""
-    if header_length == 0:
-        # The whole body is one raw tensor, batch 1, and every output comes back binary.
-        shape = (1, *spec.shape[1:])
-        raw = {"shape": list(shape), "parameters": {"binary_data_size": len(body)}}
-        array = _binary_data(raw, spec, shape, memoryview(body), 0)
-        return InferRequest(array, tuple((s.name, True) for s in outputs))
-    header, binary = _header(body, header_length)
-    array = _input(header, spec, binary, max_batch)
+def _parameters(header: dict[str, Any]) -> tuple[bool, int | None]:
+    """The request-level binary_data_output and timeout (µs; None for none)."""
     parameters = header.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise ProtocolError("request 'parameters' must be an object")
@@ -209,37 +97,404 @@ def decode_infer(
         raise ProtocolError(
             f"parameter 'timeout' must be microseconds as an integer, not {timeout!r}"
         )
-    request_id = header.get("id")
-    return InferRequest(
-        array,
-        _outputs(header, outputs),
-        None if request_id is None else str(request_id),
-        timeout or None,
+    return bool(parameters.get("binary_data_output", False)), timeout or None
+
+
+# datatypes and shapes --------------------------------------------------------------------
+def _datatype(entry: dict[str, Any], spec: TensorSpec) -> None:
+    if entry.get("datatype") != spec.datatype:
+        raise ProtocolError(
+            f"input '{spec.name}' has datatype {entry.get('datatype')!r}; "
+            f"model expects {spec.datatype}"
+        )
+
+
+def _shape(
+    entry: dict[str, Any], spec: TensorSpec, batching: bool, max_batch: int
+) -> tuple[int, ...]:
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(type(d) is int for d in shape):
+        raise ProtocolError(f"input '{spec.name}' needs a shape list of integers, got {shape!r}")
+    if len(shape) != len(spec.shape):
+        raise ProtocolError(
+            f"input '{spec.name}' has shape {shape}; model expects {len(spec.shape)} dims "
+            f"{list(spec.shape)}"
+        )
+    if batching and not 1 <= shape[0] <= max_batch:
+        raise ProtocolError(
+            f"input '{spec.name}' has batch {shape[0]}; this server takes 1 to {max_batch}"
+        )
+    for dim, (got, want) in enumerate(zip(shape, spec.shape, strict=True)):
+        if got < 0 or want not in (-1, got):
+            need = "a size >= 0" if want == -1 else want
+            raise ProtocolError(
+                f"input '{spec.name}' has shape {shape}; dim {dim} must be {need} "
+                f"(model shape {list(spec.shape)})"
+            )
+    return tuple(shape)
+
+
+# JSON data -------------------------------------------------------------------------------
+# Which parsed JSON array kinds each tensor kind accepts, and how to say so.
+_JSON_KINDS = {"i": "iu", "u": "iu", "f": "iuf", "b": "b"}
+_KIND_WORDS = {"i": "integers", "u": "integers", "f": "numbers", "b": "booleans"}
+
+
+def _json_data(data: Any, spec: TensorSpec, shape: tuple[int, ...]) -> np.ndarray:
+    dtype = DATATYPES[spec.datatype]
+    try:
+        raw = np.asarray(data, dtype=object if dtype.kind == "O" else None)
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise ProtocolError(f"input '{spec.name}' data is ragged: {exc}") from None
+    if raw.size != math.prod(shape):
+        raise ProtocolError(
+            f"input '{spec.name}' has {raw.size} values; shape {list(shape)} needs "
+            f"{math.prod(shape)}"
+        )
+    if dtype.kind == "O":
+        if not all(type(v) is str for v in raw.flat):
+            raise ProtocolError(f"input '{spec.name}' data must be strings for BYTES")
+        return raw.reshape(shape)
+    if raw.size and dtype.kind in "iu" and raw.dtype.kind in "fO":
+        # numpy parses integers past int64 (UINT64's top half) as floats or objects.
+        return _exact_integers(data, spec).reshape(shape)
+    if raw.size and raw.dtype.kind not in _JSON_KINDS[dtype.kind]:
+        words = _KIND_WORDS[dtype.kind]
+        raise ProtocolError(f"input '{spec.name}' data must be {words} for {spec.datatype}")
+    if dtype.kind in "iu" and raw.size:
+        _check_range(raw.min(), raw.max(), spec)
+    return raw.astype(dtype).reshape(shape)
+
+
+def _exact_integers(data: Any, spec: TensorSpec) -> np.ndarray:
+    """Integer data as Python ints, so none loses precision on the way to its dtype."""
+    values = np.asarray(data, dtype=object)
+    if not all(type(v) is int for v in values.flat):
+        raise ProtocolError(f"input '{spec.name}' data must be integers for {spec.datatype}")
+    _check_range(min(values.flat), max(values.flat), spec)
+    return values.astype(DATATYPES[spec.datatype])
+
+
+def _check_range(low: Any, high: Any, spec: TensorSpec) -> None:
+    info = np.iinfo(DATATYPES[spec.datatype])
+    if low < info.min or high > info.max:
+        raise ProtocolError(f"input '{spec.name}' data is out of range for {spec.datatype}")
+
+
+# binary data -----------------------------------------------------------------------------
+def _binary_data(
+    entry: dict[str, Any], spec: TensorSpec, shape: tuple[int, ...], binary: memoryview, at: int
+) -> np.ndarray:
+    size = entry["parameters"]["binary_data_size"]
+    dtype = DATATYPES[spec.datatype]
+    need = math.prod(shape) * dtype.itemsize
+    if type(size) is not int or size < 0 or (dtype.kind != "O" and size != need):
+        what = "a byte count" if dtype.kind == "O" else f"{need} bytes"
+        raise ProtocolError(
+            f"input '{spec.name}' declares binary_data_size {size!r}; shape {list(shape)} of "
+            f"{spec.datatype} needs {what}"
+        )
+    if at + size > len(binary):
+        raise ProtocolError(
+            f"input '{spec.name}' binary data runs past the body: {len(binary)} bytes follow "
+            f"the JSON header, inputs declare at least {at + size}"
+        )
+    if dtype.kind == "O":
+        return _binary_strings(binary[at : at + size], spec, shape)
+    return np.frombuffer(binary, dtype=dtype, count=math.prod(shape), offset=at).reshape(shape)
+
+
+def _binary_strings(data: memoryview, spec: TensorSpec, shape: tuple[int, ...]) -> np.ndarray:
+    """BYTES elements framed as a 4-byte little-endian length, then that many UTF-8 bytes."""
+    count, at, end = math.prod(shape), 0, len(data)
+    items = []
+    while len(items) < count:  # each element takes at least 4 bytes: this ends by `end`
+        if at + 4 > end:
+            raise ProtocolError(
+                f"input '{spec.name}' BYTES data ends inside element {len(items)}'s length; "
+                f"shape {list(shape)} needs {count} elements in its {end} bytes"
+            )
+        (length,) = _LENGTH.unpack_from(data, at)
+        if at + 4 + length > end:
+            raise ProtocolError(
+                f"input '{spec.name}' BYTES element {len(items)} claims {length} bytes; "
+                f"{end - at - 4} of its binary_data_size {end} remain"
+            )
+        try:
+            items.append(str(data[at + 4 : at + 4 + length], "utf-8"))
+        except UnicodeDecodeError:
+            raise ProtocolError(
+                f"input '{spec.name}' BYTES element {len(items)} is not UTF-8 text"
+            ) from None
+        at += 4 + length
+    if at != end:
+        raise ProtocolError(
+            f"input '{spec.name}' has {end - at} bytes left over after its {count} BYTES "
+            f"elements (binary_data_size {end})"
+        )
+    array = np.empty(count, dtype=object)
+    array[:] = items
+    return array.reshape(shape)
+
+
+# inputs ----------------------------------------------------------------------------------
+def _specs(entries: Any, signature: Signature) -> list[TensorSpec]:
+    """Each entry's model input: every input named exactly once."""
+    if not isinstance(entries, list) or not all(isinstance(i, dict) for i in entries):
+        raise ProtocolError("request needs an 'inputs' list of tensor objects")
+    by_name = {s.name: s for s in signature.inputs}
+    takes = ", ".join(f"'{s.name}'" for s in signature.inputs)
+    specs: list[TensorSpec] = []
+    for entry in entries:
+        name = entry.get("name")
+        if not isinstance(name, str) or name not in by_name:
+            raise ProtocolError(f"unknown input {name!r}; the model takes {takes}")
+        if by_name[name] in specs:
+            raise ProtocolError(f"input '{name}' appears twice in the request")
+        specs.append(by_name[name])
+    missing = [f"'{s.name}'" for s in signature.inputs if s not in specs]
+    if missing:
+        raise ProtocolError(f"request lacks input {', '.join(missing)}; the model takes {takes}")
+    return specs
+
+
+def _tensor(
+    entry: dict[str, Any], spec: TensorSpec, shape: tuple[int, ...], binary: memoryview, at: int
+) -> tuple[np.ndarray, int | None]:
+    """One input's array and how many binary bytes it used (None: it came as JSON)."""
+    parameters = entry.get("parameters") or {}
+    if isinstance(parameters, dict) and "binary_data_size" in parameters:
+        array = _binary_data(entry, spec, shape, binary, at)
+        return array, parameters["binary_data_size"]
+    if "data" in entry:
+        return _json_data(entry["data"], spec, shape), None
+    raise ProtocolError(f"input '{spec.name}' has neither 'data' nor binary_data_size")
+
+
+def _same_batch(first: tuple[str, int] | None, name: str, rows: int) -> tuple[str, int]:
+    if first is not None and first[1] != rows:
+        raise ProtocolError(
+            f"inputs '{first[0]}' and '{name}' have batch sizes {first[1]} and {rows}"
+        )
+    return first or (name, rows)
+
+
+def _inputs(
+    header: dict[str, Any], signature: Signature, binary: memoryview, max_batch: int
+) -> tuple[dict[str, np.ndarray], _Layout | None]:
+    """Every input's array in signature order, and their layout when all of them are
+    binary and fixed-width (else None)."""
+    entries = header.get("inputs")
+    specs = _specs(entries, signature)
+    arrays, offsets, at, first = {}, {}, 0, None
+    for entry, spec in zip(entries, specs, strict=True):
+        _datatype(entry, spec)
+        shape = _shape(entry, spec, signature.batching, max_batch)
+        if signature.batching:
+            first = _same_batch(first, spec.name, shape[0])
+        arrays[spec.name], used = _tensor(entry, spec, shape, binary, at)
+        if used is not None:
+            offsets[spec.name] = at
+            at += used
+    if at != len(binary):
+        raise ProtocolError(
+            f"{len(binary)} bytes of binary data follow the JSON header but inputs declare {at}"
+        )
+    ordered = {s.name: arrays[s.name] for s in signature.inputs}
+    if len(offsets) < len(ordered) or any(a.dtype.kind == "O" for a in ordered.values()):
+        return ordered, None
+    return ordered, tuple((n, a.dtype, a.size, offsets[n], a.shape) for n, a in ordered.items())
+
+
+def _raw_input(body: bytes, signature: Signature) -> InferRequest:
+    """Inference-Header-Content-Length 0: the whole body is the one input, batch 1, and
+    every output comes back binary."""
+    if len(signature.inputs) != 1:
+        raise ProtocolError(
+            f"a raw tensor body (Inference-Header-Content-Length 0) needs a one-input model; "
+            f"this one takes {len(signature.inputs)}: send a JSON header"
+        )
+    spec = signature.inputs[0]
+    shape = (1, *spec.shape[1:]) if signature.batching else spec.shape
+    if spec.datatype == "BYTES" or -1 in shape:
+        raise ProtocolError(
+            f"a raw tensor body (Inference-Header-Content-Length 0) needs a fixed-shape, "
+            f"fixed-width input; '{spec.name}' is {spec.datatype} {list(spec.shape)}: send a "
+            "JSON header"
+        )
+    raw = {"parameters": {"binary_data_size": len(body)}}
+    array = _binary_data(raw, spec, shape, memoryview(body), 0)
+    outputs = tuple(RequestedOutput(s.name, True) for s in signature.outputs)
+    return InferRequest({spec.name: array}, 1, _group(signature, [array]), outputs)
+
+
+def _group(signature: Signature, arrays: list[np.ndarray]) -> tuple:
+    return tuple(a.shape[1:] for a in arrays) if signature.batching else ()
+
+
+# outputs ---------------------------------------------------------------------------------
+def _class_count(value: Any, spec: TensorSpec) -> int:
+    if type(value) is not int or value < 1:
+        raise ProtocolError(
+            f"output '{spec.name}' parameter 'classification' must be a positive integer "
+            f"(how many classes), not {value!r}"
+        )
+    if spec.datatype in ("BYTES", "BOOL"):
+        raise ProtocolError(
+            f"output '{spec.name}' is {spec.datatype}; classification needs a numeric output"
+        )
+    return value
+
+
+def _output(
+    entry: dict[str, Any], specs: dict[str, TensorSpec], default_binary: bool
+) -> RequestedOutput:
+    name = entry.get("name")
+    if not isinstance(name, str) or name not in specs:
+        raise ProtocolError(f"unknown output {name!r}; the model has {sorted(specs)}")
+    parameters = entry.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise ProtocolError(f"output '{name}' parameters must be an object")
+    return RequestedOutput(
+        name,
+        bool(parameters.get("binary_data", default_binary)),
+        _class_count(parameters["classification"], specs[name])
+        if "classification" in parameters
+        else 0,
     )
 
 
-def encode_infer(
+def _outputs(
+    header: dict[str, Any], signature: Signature, default_binary: bool
+) -> tuple[RequestedOutput, ...]:
+    requested = header.get("outputs")
+    if requested is None:
+        return tuple(RequestedOutput(s.name, default_binary) for s in signature.outputs)
+    if not isinstance(requested, list) or not all(isinstance(o, dict) for o in requested):
+        raise ProtocolError("'outputs' must be a list of objects")
+    specs = {s.name: s for s in signature.outputs}
+    chosen = tuple(_output(entry, specs, default_binary) for entry in requested)
+    names = [o.name for o in chosen]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:
+        raise ProtocolError(f"output '{twice}' is requested twice")
+    return chosen
+
+
+# decode ----------------------------------------------------------------------------------
+def _decode(
+    body: bytes, header_length: int | None, signature: Signature, max_batch: int
+) -> tuple[InferRequest, _Layout | None]:
+    if header_length == 0:
+        return _raw_input(body, signature), None
+    header, binary = _header(body, header_length)
+    inputs, layout = _inputs(header, signature, binary, max_batch)
+    default_binary, timeout_us = _parameters(header)
+    arrays = list(inputs.values())
+    rows = arrays[0].shape[0] if signature.batching and arrays else 1
+    request_id = header.get("id")
+    request = InferRequest(
+        inputs,
+        rows,
+        _group(signature, arrays),
+        _outputs(header, signature, default_binary),
+        None if request_id is None else str(request_id),
+        timeout_us,
+    )
+    return request, layout
+
+
+def decode_infer(
+    body: bytes, header_length: int | None, signature: Signature, max_batch: int
+) -> InferRequest:
+    """Parse and validate an infer body against the model's signature.
+
+    ``header_length`` is the Inference-Header-Content-Length (None: all JSON; 0: the body
+    is the one input's raw tensor); ``max_batch`` bounds a batching model's first dim.
+    """
+    return _decode(body, header_length, signature, max_batch)[0]
+
+
+# encode ----------------------------------------------------------------------------------
+def _descending(values: np.ndarray) -> np.ndarray:
+    """Per row, column indices by value descending, ties by index, NaN last."""
+    if values.dtype.kind == "f":  # lexsort is stable: by (is NaN, -value), then index
+        return np.lexsort((-values, np.isnan(values)), axis=-1)
+    # A stable ascending sort of the mirrored row, mirrored back (negation would wrap uints).
+    flipped = np.argsort(values[:, ::-1], axis=1, kind="stable")[:, ::-1]
+    return values.shape[1] - 1 - flipped
+
+
+def top_classes(
+    array: np.ndarray, k: int, batching: bool, class_names: tuple[str, ...] = ()
+) -> np.ndarray:
+    """Triton's classification extension: per row (the whole tensor for a non-batching
+    model) the top ``k`` values, each as ``"<value>:<index>"`` plus ``":<label>"`` when
+    ``class_names`` has one; the value printed as C++ std::to_string does ("%f" for floats,
+    decimal for ints), as in Triton's src/classification.cc. Triton refuses FP16 outputs
+    here; we take them (printed "%f" too)."""
+    rows = array.shape[0] if batching else 1
+    values = array.reshape(rows, math.prod(array.shape[1:]) if batching else array.size)
+    order = _descending(values)[:, : min(k, values.shape[1])]
+    form = "%f" if values.dtype.kind == "f" else "%d"
+    labels = len(class_names)
+    strings = np.empty(order.shape, dtype=object)
+    for row, (indices, row_values) in enumerate(zip(order.tolist(), values.tolist(), strict=True)):
+        strings[row] = [
+            f"{form % row_values[i]}:{i}" + (f":{class_names[i]}" if i < labels else "")
+            for i in indices
+        ]
+    return strings if batching else strings[0]
+
+
+def _utf8(array: np.ndarray) -> list[bytes]:
+    return [v if isinstance(v, bytes) else str(v).encode() for v in array.ravel().tolist()]
+
+
+def _binary_bytes(array: np.ndarray) -> bytes:
+    return b"".join(_LENGTH.pack(len(v)) + v for v in _utf8(array))
+
+
+def _json_bytes(array: np.ndarray) -> list[str]:
+    # JSON carries text only; undecodable bytes are replaced (binary_data returns them exact).
+    return [v.decode("utf-8", "replace") for v in _utf8(array)]
+
+
+def _entry(
+    output: RequestedOutput,
+    array: np.ndarray,
+    datatype: str,
+    batching: bool,
+    class_names: tuple[str, ...],
+) -> tuple[dict[str, Any], bytes | None]:
+    """One output's JSON entry, and its binary data if it goes binary."""
+    if output.classification:
+        array, datatype = top_classes(array, output.classification, batching, class_names), "BYTES"
+    entry: dict[str, Any] = {"name": output.name, "datatype": datatype, "shape": list(array.shape)}
+    if not output.binary:
+        entry["data"] = _json_bytes(array) if datatype == "BYTES" else array.ravel().tolist()
+        return entry, None
+    blob = _binary_bytes(array) if datatype == "BYTES" else array.tobytes()
+    entry["parameters"] = {"binary_data_size": len(blob)}
+    return entry, blob
+
+
+def _encode(
     model_name: str,
     request: InferRequest,
     results: dict[str, np.ndarray],
     datatypes: dict[str, str],
+    batching: bool,
+    class_names: tuple[str, ...],
 ) -> tuple[list[bytes], int | None]:
-    """Body parts (JSON header first) and the Inference-Header-Content-Length, if binary."""
-    entries = []
-    blobs: list[bytes] = []
-    for name, binary in request.outputs:
-        array = results[name]
-        entry: dict[str, Any] = {
-            "name": name,
-            "datatype": datatypes[name],
-            "shape": list(array.shape),
-        }
-        if binary:
-            entry["parameters"] = {"binary_data_size": array.nbytes}
-            blobs.append(array.tobytes())
-        else:
-            entry["data"] = array.ravel().tolist()
+    entries, blobs = [], []
+    for output in request.outputs:
+        entry, blob = _entry(
+            output, results[output.name], datatypes[output.name], batching, class_names
+        )
         entries.append(entry)
+        if blob is not None:
+            blobs.append(blob)
     response: dict[str, Any] = {"model_name": model_name, "model_version": "1"}
     if request.request_id is not None:
         response["id"] = request.request_id
@@ -248,72 +503,105 @@ def encode_infer(
     return [header, *blobs], (len(header) if blobs else None)
 
 
-@dataclass(frozen=True)
-class _Parsed:
-    """What a repeated binary-input header decodes to, without the tensor itself."""
+def encode_infer(
+    model_name: str,
+    request: InferRequest,
+    results: dict[str, np.ndarray],
+    signature: Signature,
+    class_names: tuple[str, ...] = (),
+) -> tuple[list[bytes], int | None]:
+    """Body parts (JSON header first) and the Inference-Header-Content-Length, if binary.
 
-    shape: tuple[int, ...]
+    ``results`` holds the model's outputs by name (BYTES ones as str or bytes elements);
+    ``class_names`` label the indices of classification outputs.
+    """
+    datatypes = {s.name: s.datatype for s in signature.outputs}
+    return _encode(model_name, request, results, datatypes, signature.batching, class_names)
+
+
+# the codec -------------------------------------------------------------------------------
+class _Parsed(NamedTuple):
+    """What a repeated binary-input header decodes to, without the tensors themselves."""
+
+    layout: _Layout
     nbytes: int
-    outputs: tuple[tuple[str, bool], ...]
-    request_id: str | None
-    timeout_us: int | None
+    tail: tuple  # the InferRequest's fields after `inputs`
 
 
 class InferCodec:
     """decode_infer/encode_infer for one model, remembering the JSON headers clients repeat.
 
-    A client that sends binary tensors repeats its JSON header byte for byte (same shape,
+    A client that sends binary tensors repeats its JSON header byte for byte (same shapes,
     same outputs), and answers of the same shape share theirs, so each is parsed, validated
-    or rendered once. Only headers are remembered, never tensor bytes.
+    or rendered once. Only headers are remembered, never tensor bytes. Requests with JSON
+    or BYTES inputs, and answers with JSON, BYTES or classification outputs, vary with
+    their data and take the full path.
     """
 
     _LIMIT = 256  # distinct headers remembered; a client varying ids or shapes just misses
 
     def __init__(
-        self, model_name: str, spec: TensorSpec, outputs: tuple[TensorSpec, ...], max_batch: int
+        self,
+        model_name: str,
+        signature: Signature,
+        max_batch: int,
+        class_names: tuple[str, ...] = (),
     ) -> None:
         self.model_name = model_name
-        self.spec = spec
-        self.outputs = outputs
+        self.signature = signature
         self.max_batch = max_batch
-        self._dtype = DATATYPES[spec.datatype]
-        self._datatypes = {o.name: o.datatype for o in outputs}
+        self.class_names = class_names
+        self._datatypes = {o.name: o.datatype for o in signature.outputs}
         self._requests: dict[bytes, _Parsed] = {}
         self._answers: dict[tuple, bytes] = {}
 
     def decode(self, body: bytes, header_length: int | None) -> InferRequest:
         if not header_length or header_length >= len(body):  # raw tensor or JSON data
-            return decode_infer(body, header_length, self.spec, self.outputs, self.max_batch)
+            return decode_infer(body, header_length, self.signature, self.max_batch)
         key = body[:header_length]
         known = self._requests.get(key)
         if known is None or len(body) - header_length != known.nbytes:
-            request = decode_infer(body, header_length, self.spec, self.outputs, self.max_batch)
-            parsed = _Parsed(
-                request.array.shape,
-                request.array.nbytes,
-                request.outputs,
-                request.request_id,
-                request.timeout_us,
-            )
+            return self._decode(body, header_length, key)
+        inputs = {}
+        for name, dtype, count, offset, shape in known.layout:
+            inputs[name] = np.frombuffer(body, dtype, count, header_length + offset).reshape(shape)
+        return InferRequest._make((inputs, *known.tail))
+
+    def _decode(self, body: bytes, header_length: int, key: bytes) -> InferRequest:
+        request, layout = _decode(body, header_length, self.signature, self.max_batch)
+        if layout is not None:
+            parsed = _Parsed(layout, len(body) - header_length, request[1:])
             self._remember(self._requests, key, parsed)
-            return request
-        count = math.prod(known.shape)
-        array = np.frombuffer(body, self._dtype, count, header_length).reshape(known.shape)
-        return InferRequest(array, known.outputs, known.request_id, known.timeout_us)
+        return request
 
     def encode(
         self, request: InferRequest, results: dict[str, np.ndarray]
     ) -> tuple[list[bytes], int | None]:
         if request.request_id is None:  # an id makes every header differ
-            arrays = [results[name] for name, _ in request.outputs]
+            arrays = [results[o.name] for o in request.outputs]
             key = (request.outputs, *[a.shape for a in arrays])
             header = self._answers.get(key)
-            if header is None and all(binary for _, binary in request.outputs):
-                parts, _ = encode_infer(self.model_name, request, results, self._datatypes)
+            if header is None and self._same_header(request.outputs):
+                parts, _ = self._encode(request, results)
                 header = self._remember(self._answers, key, parts[0])
             if header is not None:
                 return [header, *[a.tobytes() for a in arrays]], len(header)
-        return encode_infer(self.model_name, request, results, self._datatypes)
+        return self._encode(request, results)
+
+    def _same_header(self, outputs: tuple[RequestedOutput, ...]) -> bool:
+        """Whether same-shaped answers share a header: all binary and fixed-width."""
+        return bool(outputs) and all(
+            o.binary and not o.classification and self._datatypes[o.name] != "BYTES"
+            for o in outputs
+        )
+
+    def _encode(
+        self, request: InferRequest, results: dict[str, np.ndarray]
+    ) -> tuple[list[bytes], int | None]:
+        batching = self.signature.batching
+        return _encode(
+            self.model_name, request, results, self._datatypes, batching, self.class_names
+        )
 
     def _remember(self, cache: dict, key: Any, value: Any) -> Any:
         if len(cache) >= self._LIMIT:

@@ -19,13 +19,19 @@ from hypothesis import strategies as st
 
 from serving.backends import load_backend
 from serving.batching import BatchQueue, merge, split
+from serving.contract import Signature, TensorSpec
 from serving.metrics import Metrics
-from serving.protocol import InferCodec, ProtocolError, TensorSpec, decode_infer
+from serving.protocol import DATATYPES, InferCodec, ProtocolError, decode_infer
 from serving.scheduler import Scheduler
 
-SPEC = TensorSpec("images", "UINT8", (-1, 3, 2, 2))
-OUTS = (TensorSpec("logits", "FP32", (-1, 4)), TensorSpec("probabilities", "FP32", (-1, 4)))
-ROW = 12  # bytes per row of SPEC
+LOGITS = TensorSpec("logits", "FP32", (-1, 4))
+SIG = Signature(
+    (TensorSpec("images", "UINT8", (-1, 3, 2, 2)),),
+    (LOGITS, TensorSpec("probabilities", "FP32", (-1, 4))),
+    True,
+)
+ROW = 12  # bytes per row of the images input
+TEXTS = Signature((TensorSpec("text", "BYTES", (-1, 2)),), (TensorSpec("n", "INT32", (-1,)),), True)
 
 
 # merge then split -------------------------------------------------------------------------------
@@ -108,21 +114,26 @@ def test_scheduler_answers_each_request_once_with_its_own_rows(
 
 
 # the parser on arbitrary input --------------------------------------------------------------------
+def _binary_entry(name: str, datatype: str, shape: list, size: int) -> dict:
+    parameters = {"binary_data_size": size}
+    return {"name": name, "shape": shape, "datatype": datatype, "parameters": parameters}
+
+
 def _binary_body(rows: int, size: int, shape: list | None = None) -> tuple[bytes, int]:
-    entry = {
-        "name": "images",
-        "shape": shape or [rows, 3, 2, 2],
-        "datatype": "UINT8",
-        "parameters": {"binary_data_size": size},
-    }
+    entry = _binary_entry("images", "UINT8", shape or [rows, 3, 2, 2], size)
     header = json.dumps({"inputs": [entry]}).encode()
     return header, len(header)
 
 
-def _decode_or_400(body: bytes, header_length: int | None):
+def _framed(items: list[bytes]) -> bytes:
+    """BYTES elements as the binary extension frames them: 4-byte length, then the bytes."""
+    return b"".join(len(item).to_bytes(4, "little") + item for item in items)
+
+
+def _decode_or_400(body: bytes, header_length: int | None, signature: Signature = SIG):
     """What the server does with a body: a parsed request or ProtocolError (400), nothing else."""
     try:
-        return InferCodec("tiny", SPEC, OUTS, 8).decode(body, header_length)
+        return InferCodec("tiny", signature, 8).decode(body, header_length)
     except ProtocolError:
         return None
 
@@ -139,22 +150,40 @@ def test_binary_sizes_that_do_not_add_up_are_400_never_a_crash(
     header, length = _binary_body(rows, declared)
     parsed = _decode_or_400(header + tail, length if header_length is None else header_length)
     if parsed is not None:  # only a consistent body may parse, and then to exactly its bytes
-        assert parsed.array.nbytes == len(tail) == declared == rows * ROW
+        assert parsed.inputs["images"].nbytes == len(tail) == declared == rows * ROW
 
 
 @given(rows=st.integers(1, 8), data=st.data())
 def test_well_formed_binary_bodies_parse_to_exactly_their_bytes(rows: int, data) -> None:
     pixels = data.draw(st.binary(min_size=rows * ROW, max_size=rows * ROW))
     header, length = _binary_body(rows, rows * ROW)
-    codec = InferCodec("tiny", SPEC, OUTS, 8)
+    codec = InferCodec("tiny", SIG, 8)
     for _ in range(2):  # the second decode comes from the codec's header cache
         parsed = codec.decode(header + pixels, length)
-        assert parsed.array.shape == (rows, 3, 2, 2) and parsed.array.tobytes() == pixels
+        assert parsed.inputs["images"].shape == (rows, 3, 2, 2)
+        assert parsed.inputs["images"].tobytes() == pixels and parsed.rows == rows
 
 
 @given(body=st.binary(max_size=300), header_length=st.one_of(st.none(), st.integers(0, 400)))
 def test_arbitrary_bytes_are_400_never_a_crash(body: bytes, header_length: int | None) -> None:
     _decode_or_400(body, header_length)
+
+
+@given(
+    declared=st.integers(-5, 300),
+    tail=st.one_of(
+        st.binary(max_size=120),
+        st.lists(st.binary(max_size=20), max_size=6).map(_framed),
+    ),
+    rows=st.integers(1, 3),
+)
+def test_arbitrary_bytes_framing_is_400_never_a_crash(
+    declared: int, tail: bytes, rows: int
+) -> None:
+    header = json.dumps({"inputs": [_binary_entry("text", "BYTES", [rows, 2], declared)]})
+    parsed = _decode_or_400(header.encode() + tail, len(header), TEXTS)
+    if parsed is not None:  # then the framing adds up, and to exactly its elements
+        assert declared == len(tail) and parsed.inputs["text"].shape == (rows, 2)
 
 
 JSON = st.recursive(
@@ -187,15 +216,35 @@ def test_any_json_in_any_field_is_400_never_a_crash(field, value, outputs, param
     _decode_or_400(json.dumps(request).encode(), None)
 
 
+@given(
+    datatype=st.sampled_from(sorted(DATATYPES)),
+    index=st.integers(0, 1),
+    field=st.sampled_from(["name", "shape", "datatype", "data"]),
+    value=JSON,
+)
+def test_any_json_in_a_multi_input_request_is_400_never_a_crash(
+    datatype: str, index: int, field: str, value
+) -> None:
+    signature = Signature(
+        (TensorSpec("a", datatype, (-1, 2)), TensorSpec("b", "BYTES", (-1, -1))), (), True
+    )
+    entries = [
+        {"name": "a", "shape": [1, 2], "datatype": datatype, "data": [0, 0]},
+        {"name": "b", "shape": [1, 1], "datatype": "BYTES", "data": ["x"]},
+    ]
+    entries[index][field] = value
+    _decode_or_400(json.dumps({"inputs": entries}).encode(), None, signature)
+
+
 def test_deeply_nested_json_is_400() -> None:
     with pytest.raises(ProtocolError, match="malformed JSON"):
-        decode_infer(b"[" * 100_000 + b"]" * 100_000, None, SPEC, OUTS, 8)
+        decode_infer(b"[" * 100_000 + b"]" * 100_000, None, SIG, 8)
 
 
 def test_fp32_inputs_refuse_strings_with_400() -> None:
-    spec = TensorSpec("x", "FP32", (-1, 2))
+    signature = Signature((TensorSpec("x", "FP32", (-1, 2)),), (LOGITS,), True)
     body = json.dumps(
         {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": ["a", "b"]}]}
     )
-    with pytest.raises(ProtocolError, match="must be numbers"):
-        decode_infer(body.encode(), None, spec, OUTS, 8)
+    with pytest.raises(ProtocolError, match="'x' data must be numbers for FP32"):
+        decode_infer(body.encode(), None, signature, 8)
