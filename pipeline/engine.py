@@ -162,7 +162,7 @@ def prepare_tensorrt(onnx: Path, params: EngineParams) -> Prepared:
     plan = tensorrt_build.plan_build(major, params.precision)
     source = resolve_source(onnx, plan.variant)
     tensorrt_build.check_source(plan, source.precision, source.path, major)
-    profile = tensorrt_build.profile_shapes(source.contract.input_shape, params)
+    profile = tensorrt_build.profile_shapes(source.contract.image.shape, params)
     cache = None
     if params.timing_cache:
         cache = tensorrt_build.timing_cache_file(
@@ -202,7 +202,8 @@ def plan_logits(
     """
     try:
         with contextlib.closing(open_plan(plan, sidecar, engine_path)) as runner:
-            return runner.run(x)[LOGITS_NAME].astype(np.float32, copy=False)
+            inputs = {runner.signature.inputs[0].name: x}
+            return runner.run(inputs)[LOGITS_NAME].astype(np.float32, copy=False)
     except EngineError as exc:
         raise StageError(f"running the TensorRT plan over the test split: {exc}") from None
 
@@ -265,10 +266,10 @@ def staged_outputs(out: Path, target: str) -> Iterator[tuple[Path, Path]]:
 def evaluate_engine(run: Runner, source: Source, data_dir: Path, batch_size: int) -> dict[str, Any]:
     """Accuracy on the test split, and agreement with the fp32 ONNX model (when present)."""
     test = load_split("test", data_dir)
-    if tuple(test.x.shape[1:]) != tuple(source.contract.input_shape):
+    if tuple(test.x.shape[1:]) != tuple(source.contract.image.shape):
         raise StageError(
             f"{data_dir} test images are {list(test.x.shape[1:])}, the model takes "
-            f"{list(source.contract.input_shape)}"
+            f"{list(source.contract.image.shape)}"
         )
     logits = run(test.x)
     figures: dict[str, Any] = {

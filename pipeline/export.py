@@ -30,7 +30,14 @@ from pipeline.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, load_checkpoint
 from pipeline.dataset import DEFAULT_DIR, Meta, load_meta, load_split
 from pipeline.errors import StageError, exit_on_stage_error, run_command, step
 from pipeline.params import ExportParams, as_dict, load_with_overrides
-from serving.contract import INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME, ModelContract
+from serving.contract import (
+    IMAGE_CLASSIFICATION,
+    INPUT_NAME,
+    LOGITS_NAME,
+    PROBABILITIES_NAME,
+    ImagePreprocessing,
+    ModelContract,
+)
 
 DEFAULT_OUT = onnx_tools.ONNX_DIR
 DEFAULT_REPORT = Path("reports/export.json")
@@ -74,7 +81,7 @@ def export_onnx(model: nn.Module, path: Path, opset: int, contract: ModelContrac
             f"at 21+), got {opset}"
         )
     # An example batch of 2: with 1, the exporter may specialise the batch dim to a constant.
-    example = torch.zeros((2, *contract.input_shape), dtype=torch.uint8)
+    example = torch.zeros((2, *contract.image.shape), dtype=torch.uint8)
     with _quiet_exporter():
         program = torch.onnx.export(
             ExportModule(model).eval(),
@@ -276,12 +283,15 @@ def check_data_matches(checkpoint: Checkpoint, meta: Meta, data_dir: Path) -> No
 def make_contract(checkpoint: Checkpoint, meta: Meta, params: ExportParams) -> ModelContract:
     return ModelContract(
         model_name=checkpoint.spec.name,
+        task=IMAGE_CLASSIFICATION,
         class_names=tuple(meta.class_names),
-        input_name=INPUT_NAME,
-        input_layout="NCHW",
-        input_shape=tuple(meta.input_shape),  # type: ignore[arg-type]
-        input_dtype="uint8",
-        value_range=(0.0, 255.0),
+        image=ImagePreprocessing(
+            input_name=INPUT_NAME,
+            layout="NCHW",
+            shape=tuple(meta.input_shape),  # type: ignore[arg-type]
+            dtype="uint8",
+            value_range=(0.0, 255.0),
+        ),
         precision="fp32",
         data_fingerprint=checkpoint.data_fingerprint or meta.fingerprint,
         params_hash=params_hash({"train": checkpoint.params_hash, "export": as_dict(params)}),

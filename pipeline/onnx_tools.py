@@ -54,13 +54,18 @@ def load_model(path: Path) -> Any:
 
 
 def read_contract(path: Path, model: Any | None = None) -> ModelContract:
-    """The tensorferry contract carried in the model's metadata_props."""
+    """The tensorferry contract carried in the model's metadata_props: an image model's."""
     model = load_model(path) if model is None else model
     metadata = {prop.key: prop.value for prop in model.metadata_props}
     try:
-        return ModelContract.from_metadata(metadata, source=str(path))
+        contract = ModelContract.from_metadata(metadata, source=str(path))
     except ContractError as exc:
         raise StageError(str(exc)) from None
+    if contract.image is None:
+        raise StageError(
+            f"{path} is a {contract.task} model; the pipeline's stages build image models"
+        )
+    return contract
 
 
 def set_metadata(model: Any, values: Mapping[str, str]) -> None:

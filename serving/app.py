@@ -22,7 +22,13 @@ import numpy as np
 
 from serving import classify, openapi
 from serving.backends import Backend
-from serving.config import ServerConfig
+from serving.config import MODEL_NAME, ServerConfig
+from serving.contract import (
+    IMAGE_CLASSIFICATION,
+    ImagePreprocessing,
+    ModelContract,
+    TensorSpec,
+)
 from serving.http import Request
 from serving.metrics import CONTENT_TYPE, Metrics
 from serving.protocol import InferCodec, InferRequest, ProtocolError
@@ -49,6 +55,28 @@ SERVER_READY = b'{"ready":true}'
 MODEL_VERBS = {"": "GET", "ready": "GET", "config": "GET", "stats": "GET", "infer": "POST"}
 
 
+def served_name(config: ServerConfig, backend: Backend) -> str:
+    """--model-name, else the name the artifact records, else the engine file's stem."""
+    if config.model_name:
+        return config.model_name
+    if backend.contract is not None:
+        return backend.contract.model_name
+    stem = config.engine.stem
+    if not MODEL_NAME.fullmatch(stem):
+        raise ValueError(
+            f"engine file stem {stem!r} cannot name a model in URLs (1-128 letters, digits, "
+            "'_', '.' or '-'); pass --model-name"
+        )
+    return stem
+
+
+def _config_tensor(spec: TensorSpec, batching: bool) -> dict[str, Any]:
+    """A tensor as Triton's model config spells it: dims without the batch dim."""
+    datatype = "STRING" if spec.datatype == "BYTES" else spec.datatype
+    dims = spec.shape[1:] if batching else spec.shape
+    return {"name": spec.name, "data_type": "TYPE_" + datatype, "dims": list(dims)}
+
+
 @dataclass
 class State:
     ready: bool = False
@@ -65,10 +93,13 @@ class App:
         self.scheduler = scheduler
         self.metrics = metrics
         self.state = State()
-        self.name = config.model_name or backend.contract.model_name
-        self._codec = InferCodec(
-            self.name, backend.inputs[0], backend.outputs, config.max_batch_size
-        )
+        self.name = served_name(config, backend)
+        self.signature = signature = backend.signature
+        # Triton's max_batch_size: 0 means the model has no batch dim.
+        self.max_batch_size = config.max_batch_size if signature.batching else 0
+        contract = backend.contract
+        class_names = contract.class_names if contract else ()
+        self._codec = InferCodec(self.name, signature, config.max_batch_size, class_names)
         self._version = _version()
         self._api_key = None if config.api_key is None else config.api_key.encode()
         self._public = set(config.public_routes)
@@ -127,48 +158,61 @@ class App:
         return {
             "name": "tensorferry",
             "version": self._version,
-            "extensions": ["binary_tensor_data", "statistics"],
+            "extensions": ["binary_tensor_data", "classification", "statistics"],
         }
 
     def _openapi(self) -> dict[str, Any]:
-        spec = self.backend.inputs[0]
-        return openapi.document(self.name, self._version, spec, self.config.max_batch_size)
+        return openapi.document(
+            self.name,
+            self._version,
+            self.signature,
+            self.config.max_batch_size,
+            classify=self._image_classifier is not None,
+        )
 
     def _model_metadata(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "versions": ["1"],
             "platform": self.backend.platform,
-            "inputs": [s.to_json() for s in self.backend.inputs],
-            "outputs": [s.to_json() for s in self.backend.outputs],
+            "inputs": [s.to_json() for s in self.signature.inputs],
+            "outputs": [s.to_json() for s in self.signature.outputs],
         }
 
     def _model_config(self) -> dict[str, Any]:
-        def tensor(spec: Any) -> dict[str, Any]:
-            return {
-                "name": spec.name,
-                "data_type": "TYPE_" + spec.datatype,
-                "dims": list(spec.shape[1:]),
-            }
-
-        contract = self.backend.contract.to_metadata()
-        return {
+        """Triton's model config, as perf_analyzer and tritonclient read it."""
+        batching, contract = self.signature.batching, self.backend.contract
+        image_input = contract.image.input_name if contract and contract.image else None
+        inputs = []
+        for spec in self.signature.inputs:
+            entry = _config_tensor(spec, batching)
+            if spec.name == image_input:
+                entry["format"] = "FORMAT_NCHW"
+            inputs.append(entry)
+        on_gpu = self.backend.info["provider"] in ("cuda", "tensorrt")
+        config: dict[str, Any] = {
             "name": self.name,
             "platform": self.backend.platform,
             "backend": self.backend.info["backend"],
-            "max_batch_size": self.config.max_batch_size,
-            "input": [{**tensor(s), "format": "FORMAT_NCHW"} for s in self.backend.inputs],
-            "output": [tensor(s) for s in self.backend.outputs],
-            "dynamic_batching": {
+            "max_batch_size": self.max_batch_size,
+            "input": inputs,
+            "output": [_config_tensor(s, batching) for s in self.signature.outputs],
+            "instance_group": [
+                {"count": self.config.instances, "kind": "KIND_GPU" if on_gpu else "KIND_CPU"}
+            ],
+        }
+        if batching:  # Triton refuses dynamic batching for a model without a batch dim
+            config["dynamic_batching"] = {
                 "max_queue_delay_microseconds": self.config.max_queue_delay_us,
                 "default_queue_policy": {
                     "max_queue_size": self.config.max_queue_size,
                     "default_timeout_microseconds": self.config.timeout_ms * 1000,
                     "timeout_action": "REJECT",
                 },
-            },
-            "parameters": {k: {"string_value": v} for k, v in contract.items()},
-        }
+            }
+        metadata = contract.to_metadata() if contract else {}
+        config["parameters"] = {k: {"string_value": v} for k, v in metadata.items()}
+        return config
 
     def _model_route(self, request: Request, rest: str) -> None:
         verb = self._model_verbs.get(rest)
@@ -258,7 +302,7 @@ class App:
                     error = exc
             self._finish(request, error, start)
 
-        self._submit(request, parsed.array, done, parsed)
+        self._submit(request, parsed.inputs, parsed.rows, parsed.group, done, parsed)
 
     def _respond_outputs(
         self, request: Request, parsed: InferRequest, outputs: dict[str, np.ndarray]
@@ -271,10 +315,16 @@ class App:
         request.respond(200, parts, "application/octet-stream", extra)
 
     def _submit(
-        self, request: Request, array: np.ndarray, done: Any, parsed: InferRequest | None
+        self,
+        request: Request,
+        inputs: dict[str, np.ndarray],
+        rows: int,
+        group: tuple,
+        done: Any,
+        parsed: InferRequest | None,
     ) -> bool:
         timeout = self._timeout_s(parsed.timeout_us if parsed else None)
-        if not self.scheduler.submit(array, done, timeout):
+        if not self.scheduler.submit(inputs, rows, done, timeout, group):
             self.state.inflight -= 1
             self.metrics.failure["rejected"].inc()
             request.error(503, "Exceeds maximum queue size", RETRY)
@@ -299,26 +349,49 @@ class App:
         self.metrics.request_seconds.observe(elapsed)
 
     # classify
-    def _classify(self, request: Request) -> None:
-        if self._admit(request):
-            asyncio.get_running_loop().create_task(self._classify_async(request))
-
-    async def _classify_async(self, request: Request) -> None:
-        start = perf_counter()
+    @property
+    def _image_classifier(self) -> ModelContract | None:
+        """The contract, if the model is an image classifier /v1/classify can feed."""
         contract = self.backend.contract
+        if contract and contract.image and contract.task == IMAGE_CLASSIFICATION:
+            return contract
+        return None
+
+    def _classify(self, request: Request) -> None:
+        contract = self._image_classifier
+        if contract is None or contract.image is None:
+            task = self.backend.contract.task if self.backend.contract else None
+            what = f"a {task} model" if task else "a model without task metadata"
+            return request.error(
+                404,
+                f"/v1/classify serves image classifiers; model '{self.name}' is {what}: "
+                f"use POST /v2/models/{self.name}/infer",
+            )
+        if self._admit(request):
+            asyncio.get_running_loop().create_task(
+                self._classify_async(request, contract, contract.image)
+            )
+
+    async def _classify_async(
+        self, request: Request, contract: ModelContract, image: ImagePreprocessing
+    ) -> None:
+        start = perf_counter()
         loop = asyncio.get_running_loop()
         try:
             k = classify.parse_top_k(request.query, len(contract.class_names))
             data = classify.image_bytes(request.body, request.headers.get("content-type", ""))
             # Decoding can take milliseconds: keep it off the event loop.
-            array = await loop.run_in_executor(None, classify.preprocess, data, contract)
+            array = await loop.run_in_executor(None, classify.preprocess, data, image)
         except ProtocolError as exc:
             return self._bad_request(request, exc)
         except Exception as exc:  # a task that dies unanswered would leave its client hanging
             log.exception("classify failed before inference")
             return self._finish(request, exc, start)
         answered: asyncio.Future[tuple[Any, Exception | None]] = loop.create_future()
-        if not self._submit(request, array, lambda o, e: answered.set_result((o, e)), None):
+        inputs, group = {image.input_name: array}, (image.shape,)  # the group infer forms
+        if not self._submit(
+            request, inputs, 1, group, lambda o, e: answered.set_result((o, e)), None
+        ):
             return
         outputs, error = await answered
         if outputs is not None:

@@ -2,7 +2,8 @@
 
 The backend follows the file: ``.onnx``/``.ort`` through onnxruntime (CPU, CUDA or
 TensorRT execution provider), ``.trt``/``.plan`` through the TensorRT runtime. Both read
-names, shapes and class names from the artifact (ONNX metadata or engine sidecar).
+the signature from the graph or engine itself, and the task metadata (class names,
+preprocessing) from the artifact when it has any (serving/contract.py).
 """
 
 from __future__ import annotations
@@ -17,8 +18,14 @@ import numpy as np
 
 from serving import denormals
 from serving.compat import EngineError, load_sidecar, sidecar_path
-from serving.contract import ContractError, ModelContract, check_io
-from serving.protocol import TensorSpec
+from serving.contract import (
+    ContractError,
+    ModelContract,
+    Signature,
+    TensorSpec,
+    check_io,
+    read_contract,
+)
 from serving.trt_backend import load_tensorrt
 
 log = logging.getLogger("serving")
@@ -36,6 +43,7 @@ _ORT_TYPES = {
     "tensor(float16)": "FP16",
     "tensor(float)": "FP32",
     "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
 }
 
 _ORT_PROVIDERS = {
@@ -62,14 +70,15 @@ def _providers(provider: str, path: Path, trt_cache_dir: Path | None) -> list[An
 
 
 class Backend(Protocol):
-    contract: ModelContract
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
+    contract: ModelContract | None  # None: a graph without tensorferry metadata
+    signature: Signature
     platform: str  # Triton's platform string
     info: dict[str, str]  # backend, provider, versions, precision: the info metric's labels
     max_batch: int | None  # the most rows the engine accepts (a TensorRT profile); None: any
 
-    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]: ...
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every output for ``inputs`` (keyed by input name), keyed by output name."""
+        ...
 
     def close(self) -> None:
         """Free what the backend holds (sessions, device memory, streams); idempotent."""
@@ -78,20 +87,21 @@ class Backend(Protocol):
 
 @dataclass
 class OnnxRuntimeBackend:
-    contract: ModelContract
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
+    contract: ModelContract | None
+    signature: Signature
     info: dict[str, str]
     session: Any = field(repr=False)
     platform: str = "onnxruntime_onnx"
     max_batch: int | None = None
 
-    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+    def __post_init__(self) -> None:
+        self._output_names = [o.name for o in self.signature.outputs]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.session is None:
             raise EngineError("this onnxruntime backend has been closed")
-        names = [o.name for o in self.outputs]
-        values = self.session.run(names, {self.inputs[0].name: batch})
-        return dict(zip(names, values, strict=True))
+        values = self.session.run(self._output_names, inputs)
+        return dict(zip(self._output_names, values, strict=True))
 
     def close(self) -> None:
         # onnxruntime frees the session's memory when the last reference to it goes.
@@ -143,15 +153,15 @@ def _warn_on_fallback(session: Any, provider: str) -> str:
     return active[0].removesuffix("ExecutionProvider").lower()
 
 
-def _onnx_contract(session: Any, path: Path, inputs: tuple[TensorSpec, ...]) -> ModelContract:
-    """The contract from the model's metadata, checked against the graph's inputs."""
+def _onnx_contract(session: Any, path: Path, signature: Signature) -> ModelContract | None:
+    """The contract from the model's metadata (None without any), checked against the graph."""
     metadata = session.get_modelmeta().custom_metadata_map
     if not metadata and sidecar_path(path).exists():
         # ORT-format files may drop metadata_props; the sidecar carries the same keys.
         metadata = load_sidecar(path)["metadata"]
     try:
-        contract = ModelContract.from_metadata(metadata, source=str(path))
-        check_io(contract, inputs, str(path))
+        contract = read_contract(metadata, source=str(path))
+        check_io(contract, signature, str(path))
     except ContractError as exc:
         raise EngineError(str(exc)) from None
     return contract
@@ -167,17 +177,19 @@ def load_onnxruntime(
     import onnxruntime as ort
 
     session = _ort_session(path, provider, threads, trt_cache_dir, flush_denormals)
-    inputs = tuple(_spec(node, "input") for node in session.get_inputs())
-    outputs = tuple(_spec(node, "output") for node in session.get_outputs())
-    contract = _onnx_contract(session, path, inputs)
+    signature = Signature.from_graph(
+        tuple(_spec(node, "input") for node in session.get_inputs()),
+        tuple(_spec(node, "output") for node in session.get_outputs()),
+    )
+    contract = _onnx_contract(session, path, signature)
     info = {
         "backend": "onnxruntime",
         "provider": _warn_on_fallback(session, provider),
         "onnxruntime_version": ort.__version__,
         "tensorrt_version": "",
-        "precision": contract.precision,
+        "precision": contract.precision if contract else "",
     }
-    return OnnxRuntimeBackend(contract, inputs, outputs, info, session)
+    return OnnxRuntimeBackend(contract, signature, info, session)
 
 
 def _load_plan(path: Path, *_onnxruntime_settings: Any) -> Backend:

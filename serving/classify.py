@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.contract import ModelContract
+from serving.contract import ImagePreprocessing
 from serving.protocol import ProtocolError
 
 # Largest image decoded: a 48-megapixel photo fits; a tiny PNG that claims 20000 x 20000
@@ -40,23 +40,23 @@ def image_bytes(body: bytes, content_type: str) -> bytes:
     raise ProtocolError("multipart body has no file part (send the image as a 'file' field)")
 
 
-def preprocess(data: bytes, contract: ModelContract) -> np.ndarray:
+def preprocess(data: bytes, image: ImagePreprocessing) -> np.ndarray:
     """Decode, convert and resize an image into a [1, C, H, W] uint8 batch."""
     from PIL import Image
 
-    channels, height, width = contract.input_shape
+    channels, height, width = image.shape
     if channels not in (1, 3):
         raise ProtocolError(f"classify supports 1- or 3-channel models, not {channels}")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > MAX_PIXELS:
+        with Image.open(io.BytesIO(data)) as picture:
+            if picture.width * picture.height > MAX_PIXELS:
                 raise ProtocolError(
-                    f"image of {image.width} x {image.height} pixels exceeds the limit of "
+                    f"image of {picture.width} x {picture.height} pixels exceeds the limit of "
                     f"{MAX_PIXELS} pixels"
                 )
-            image = image.convert("RGB" if channels == 3 else "L")
-            image = image.resize((width, height), Image.Resampling.BILINEAR)
-            pixels = np.asarray(image, dtype=np.uint8)
+            picture = picture.convert("RGB" if channels == 3 else "L")
+            picture = picture.resize((width, height), Image.Resampling.BILINEAR)
+            pixels = np.asarray(picture, dtype=np.uint8)
     except ProtocolError:
         raise
     except Exception as exc:

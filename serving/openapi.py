@@ -33,6 +33,15 @@ _ERROR = {
     },
 }
 _OBJECT = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
+_INFER_OK = {
+    "description": "OK: JSON, or once an output is asked for as binary data, the binary "
+    "tensor extension (a JSON header of Inference-Header-Content-Length bytes, then the "
+    "tensors' bytes)",
+    "content": {
+        "application/json": {"schema": {"type": "object"}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    },
+}
 
 
 def _path(name: str, value: str) -> dict[str, Any]:
@@ -186,7 +195,7 @@ def _infer(signature: Signature, max_batch: int, *params: dict[str, Any]) -> dic
             "summary": "Run the model on one request (JSON tensors)",
             "parameters": list(params),
             "requestBody": {"required": True, "content": {"application/json": body}},
-            "responses": _answers(_OBJECT),
+            "responses": _answers(_INFER_OK),
         }
     }
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from time import perf_counter
 
 import numpy as np
@@ -27,6 +27,7 @@ from serving.metrics import Metrics, Phases
 
 log = logging.getLogger("serving")
 
+Inputs = dict[str, np.ndarray]
 Outputs = dict[str, np.ndarray]
 Done = Callable[[Outputs | None, Exception | None], None]
 
@@ -43,15 +44,16 @@ class Job:
     # No link to its queue entry, which links to the job: that cycle kept every answered
     # request (body, closure) until the garbage collector ran. Only the timeout timer holds
     # both, and cancelling it when the job is answered lets both go.
-    __slots__ = ("array", "done", "timer", "enqueued", "pieces", "rows_left")
+    __slots__ = ("inputs", "rows", "done", "timer", "enqueued", "pieces", "rows_left")
 
-    def __init__(self, array: np.ndarray, done: Done) -> None:
-        self.array = array
+    def __init__(self, inputs: Inputs, rows: int, done: Done) -> None:
+        self.inputs = inputs
+        self.rows = rows  # batch rows; 1 for a model without a batch dim
         self.done = done
         self.timer: asyncio.TimerHandle | None = None
         self.enqueued = 0.0
         self.pieces: dict[int, Outputs] | None = None  # a split request's parts, by first row
-        self.rows_left = len(array)  # rows not yet run; 0 once answered
+        self.rows_left = rows  # rows not yet run; 0 once answered
 
 
 class Scheduler:
@@ -62,9 +64,13 @@ class Scheduler:
         metrics: Metrics,
         loop: asyncio.AbstractEventLoop,
         flush_denormals: bool = False,
+        batching: bool = True,
     ) -> None:
         """One worker thread per backend (model instance), all taking from ``batches``;
-        with ``flush_denormals`` each flushes subnormals to zero on its own thread."""
+        with ``flush_denormals`` each flushes subnormals to zero on its own thread.
+
+        A model without a batch dim (``batching`` false, as its signature says) runs each
+        request alone: its tensors are passed and answered whole, never sliced by rows."""
         if not backends:
             raise ValueError("a scheduler needs at least one backend")
         self.metrics = metrics
@@ -76,6 +82,7 @@ class Scheduler:
         self._stopping = False
         self._wake_scheduled = False  # event loop thread only
         self._flush_denormals = flush_denormals
+        self._batching = batching
         self._threads = [
             threading.Thread(
                 target=self._worker, args=(backend,), name=f"batch-worker-{i}", daemon=True
@@ -106,12 +113,23 @@ class Scheduler:
         with self._lock:
             return self._idle_workers == len(self._threads) and not self._batches
 
-    def submit(self, array: np.ndarray, done: Done, timeout_s: float | None) -> bool:
-        """Queue one request; False if the queue is full. ``done`` is called exactly once."""
-        job = Job(array, done)
+    def submit(
+        self,
+        inputs: Inputs,
+        rows: int,
+        done: Done,
+        timeout_s: float | None,
+        group: Hashable = None,
+    ) -> bool:
+        """Queue one request of ``rows`` rows; False if the queue is full.
+
+        Only requests of the same ``group`` (every input's non-batch shape) share a batch.
+        ``done`` is called exactly once.
+        """
+        job = Job(inputs, rows, done)
         job.enqueued = now = perf_counter()
         with self._lock:
-            pending = self._batches.put(job, len(array), now)
+            pending = self._batches.put(job, rows, now, group)
         if pending is None:
             return False
         if timeout_s:
@@ -166,11 +184,12 @@ class Scheduler:
         while (parts := self._next_batch(idle_since)) is not None:
             started = merged = ran = perf_counter()
             try:
-                batch = merge([job.array[start:stop] for job, start, stop in parts])
+                batch = self._merged(parts)
                 merged = perf_counter()
                 raw = backend.run(batch)
                 ran = perf_counter()
-                outputs = split(raw, [stop - start for _, start, stop in parts])
+                rows = [stop - start for _, start, stop in parts]
+                outputs = split(raw, rows) if self._batching else [raw]
                 error = None
             except Exception as exc:  # any backend failure fails this batch, not the server
                 log.exception("backend failed on a batch of %d requests", len(parts))
@@ -178,6 +197,16 @@ class Scheduler:
             idle_since = perf_counter()
             marks = (started, merged, ran, idle_since)
             self._loop.call_soon_threadsafe(self._finished, parts, outputs, error, marks)
+
+    def _merged(self, parts: list[Part[Job]]) -> Inputs:
+        """The batch's inputs: a whole request's own tensors, or its rows merged in order."""
+        first, start, stop = parts[0]
+        if len(parts) == 1 and (not self._batching or stop - start == first.rows):
+            return first.inputs
+        return {
+            name: merge([job.inputs[name][start:stop] for job, start, stop in parts])
+            for name in first.inputs
+        }
 
     def _finished(
         self,
@@ -209,7 +238,7 @@ class Scheduler:
             if not job.rows_left:  # answered: another part of this split request failed
                 continue
             result = None if outputs is None else outputs[i]
-            if result is not None and stop - start < len(job.array):
+            if result is not None and stop - start < job.rows:
                 job.pieces = job.pieces or {}
                 job.pieces[start] = result
                 job.rows_left -= stop - start

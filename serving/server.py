@@ -19,13 +19,15 @@ from time import perf_counter
 import numpy as np
 
 from serving import denormals
-from serving.app import App
+from serving.app import App, served_name
 from serving.backends import Backend, load_backend
 from serving.batching import BatchQueue
 from serving.compat import EngineError
 from serving.config import ServerConfig
+from serving.contract import Signature
 from serving.http import HttpConnection, expire_idle
 from serving.metrics import Metrics
+from serving.protocol import DATATYPES
 from serving.scheduler import Scheduler
 
 log = logging.getLogger("serving")
@@ -41,11 +43,36 @@ def warmup_sizes(max_batch_size: int) -> list[int]:
     return list(dict.fromkeys(sizes))
 
 
+def dummy_inputs(signature: Signature, rows: int) -> dict[str, np.ndarray]:
+    """Zeros (empty strings for BYTES) for every input, ``rows`` rows, other dynamic dims 1."""
+    inputs = {}
+    for spec in signature.inputs:
+        dims = [1 if d == -1 else d for d in spec.shape]
+        if signature.batching:
+            dims[0] = rows
+        if spec.datatype == "BYTES":
+            inputs[spec.name] = np.full(dims, "", dtype=object)
+        else:
+            inputs[spec.name] = np.zeros(dims, DATATYPES[spec.datatype])
+    return inputs
+
+
 def warm(backend: Backend, sizes: list[int], flush_denormals: bool = False) -> None:
-    spec = backend.inputs[0]
+    """Run the batch sizes the batcher will form; a bare graph's failure only warns.
+
+    Zeros are valid input to a tensorferry model; a model brought as is may refuse them
+    (a shape its graph can't take, ids it checks), which says nothing about real requests.
+    """
+    sizes = sizes if backend.signature.batching else [1]
     with denormals.flushed(flush_denormals):  # an executor thread: as the workers will run
         for size in sizes:
-            backend.run(np.zeros((size, *spec.shape[1:]), dtype=np.uint8))
+            try:
+                backend.run(dummy_inputs(backend.signature, size))
+            except Exception as exc:
+                if backend.contract is not None:
+                    raise
+                log.warning("warm-up with zeros failed (%s); serving without it", exc)
+                return
 
 
 def instance_threads(config: ServerConfig) -> int:
@@ -115,14 +142,15 @@ async def run_server(config: ServerConfig, backends: list[Backend], started: flo
     """Serve until SIGTERM/SIGINT; the backends are closed once their workers have stopped."""
     loop = asyncio.get_running_loop()
     backend = backends[0]  # the instances are alike: any one describes the model
-    name = config.model_name or backend.contract.model_name
+    name = served_name(config, backend)
+    log.info("model %s: %s", name, backend.signature.describe())
     flush = bool(config.flush_denormals)
     info = {**backend.info, "instances": str(len(backends)), "flush_denormals": str(flush).lower()}
     metrics = Metrics(name, config.max_batch_size, info)
-    batches = BatchQueue(
-        config.max_batch_size, config.max_queue_delay_us / 1e6, config.max_queue_size
-    )
-    scheduler = Scheduler(backends, batches, metrics, loop, flush)
+    # A model without a batch dim runs each request alone: a batch is one request.
+    rows = config.max_batch_size if backend.signature.batching else 1
+    batches = BatchQueue(rows, config.max_queue_delay_us / 1e6, config.max_queue_size)
+    scheduler = Scheduler(backends, batches, metrics, loop, flush, backend.signature.batching)
     try:
         drained = await _serve(App(config, backend, scheduler, metrics), backends, started)
     finally:
@@ -195,6 +223,11 @@ def serve(config: ServerConfig) -> int:
     flush = denormals.decide(config.flush_denormals, config.engine)
     config = dataclasses.replace(config, flush_denormals=flush)
     backends = load(config)
+    try:
+        config = dataclasses.replace(config, model_name=served_name(config, backends[0]))
+    except ValueError:
+        close_all(backends)
+        raise
     try:
         import uvloop
     except ImportError:  # Windows, or a minimal install: asyncio's loop works, slower

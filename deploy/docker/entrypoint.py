@@ -109,57 +109,79 @@ def find_trtexec(env: Mapping[str, str]) -> str:
     return found
 
 
+def _shapes(signature: Any, batch: int) -> str:
+    """trtexec's shape list for every input at ``batch`` rows."""
+    return ",".join(
+        f"{s.name}:" + "x".join(map(str, (batch, *s.shape[1:]))) for s in signature.inputs
+    )
+
+
 def trtexec_command(
-    trtexec: str, onnx: Path, plan: Path, contract: Any, max_batch: int, version: str, timing: Path
+    trtexec: str,
+    onnx: Path,
+    plan: Path,
+    backend: Any,
+    max_batch: int,
+    version: str,
+    timing: Path,
 ) -> list[str]:
     """The pipeline's engine build (pipeline/tensorrt_build.py) in trtexec's terms."""
-
-    def shape(batch: int) -> str:
-        return f"{contract.input_name}:" + "x".join(map(str, (batch, *contract.input_shape)))
-
-    opt = min(32, max_batch)  # the engine stage's default opt_batch
+    signature = backend.signature
+    dims = [d for s in signature.inputs for d in s.shape[1 if signature.batching else 0 :]]
+    if -1 in dims:
+        raise EntrypointError(
+            f"{onnx} has dynamic dims besides the batch ({signature.describe()}): its "
+            "TensorRT profile needs their ranges; build the plan with trtexec "
+            "--minShapes/--optShapes/--maxShapes and serve the .plan"
+        )
     command = [
         trtexec,
         f"--onnx={onnx}",
         f"--saveEngine={plan}",
-        f"--minShapes={shape(1)}",
-        f"--optShapes={shape(opt)}",
-        f"--maxShapes={shape(max_batch)}",
         f"--memPoolSize=workspace:{WORKSPACE_MIB}",
         f"--timingCacheFile={timing}",
     ]
+    if signature.batching:
+        opt = min(32, max_batch)  # the engine stage's default opt_batch
+        command[3:3] = [
+            f"--minShapes={_shapes(signature, 1)}",
+            f"--optShapes={_shapes(signature, opt)}",
+            f"--maxShapes={_shapes(signature, max_batch)}",
+        ]
     # TensorRT 10 is weakly typed: precision needs a flag. 11 removed the flags and takes
     # the precision from the (fp16 or Q/DQ int8) ONNX itself.
-    if int(version.split(".")[0]) < 11 and contract.precision in ("fp16", "int8"):
-        command.append(f"--{contract.precision}")
+    precision = backend.info["precision"]
+    if int(version.split(".")[0]) < 11 and precision in ("fp16", "int8"):
+        command.append(f"--{precision}")
     return command
 
 
 def make_sidecar(backend: Any, onnx: Path, sha256: str, max_batch: int, host: tuple) -> dict:
     """The sidecar serve needs for a plan (serving/contract.py, serving/compat.py)."""
     version, gpu, capability = host
-    contract = backend.contract
+    contract, signature = backend.contract, backend.signature
+    first = signature.inputs[0].shape[1:]
 
     def io(specs: Any) -> list[dict[str, Any]]:
         return [{"name": s.name, "dtype": s.datatype, "shape": list(s.shape)} for s in specs]
 
     return {
         "format": "tensorrt",
-        "metadata": contract.to_metadata(),
-        "class_names": list(contract.class_names),
-        "precision": contract.precision,
+        "metadata": contract.to_metadata() if contract else {},
+        "class_names": list(contract.class_names) if contract else [],
+        "precision": backend.info["precision"],
         "tensorrt_version": version,
         "gpu_name": gpu,
         "compute_capability": capability,
         "hardware_compatibility": "none",
         "version_compatible": False,
-        "profile": {
-            "min": [1, *contract.input_shape],
-            "opt": [min(32, max_batch), *contract.input_shape],
-            "max": [max_batch, *contract.input_shape],
+        "profile": {  # the first input's
+            "min": [1, *first],
+            "opt": [min(32, max_batch), *first],
+            "max": [max_batch, *first],
         },
-        "inputs": io(backend.inputs),
-        "outputs": io(backend.outputs),
+        "inputs": io(signature.inputs),
+        "outputs": io(signature.outputs),
         "onnx_file": onnx.name,
         "onnx_sha256": sha256,
         "built_by": "deploy/docker/entrypoint.py (trtexec)",
@@ -185,7 +207,10 @@ def cached_plan(onnx: Path, cache: Path, max_batch: int, env: Mapping[str, str])
         raise EntrypointError(str(exc)) from None
     host = host_identity()
     sha = _sha256(onnx)
-    plan = cache / f"{onnx.stem}-{cache_key(sha, backend.contract.precision, max_batch, host)}.trt"
+    plan = (
+        cache
+        / f"{onnx.stem}-{cache_key(sha, backend.info['precision'] or 'fp32', max_batch, host)}.trt"
+    )
     sidecar = plan.with_name(plan.name + ".json")
     if plan.is_file() and sidecar.is_file():
         print(f"{PROG}: reusing {plan}", file=sys.stderr)
@@ -193,9 +218,7 @@ def cached_plan(onnx: Path, cache: Path, max_batch: int, env: Mapping[str, str])
     version, gpu, capability = host
     timing = cache / f"timing-{_slug(gpu)}-sm{capability.replace('.', '')}-trt{version}.cache"
     partial = plan.with_name(f".{plan.name}.{os.getpid()}")
-    command = trtexec_command(
-        find_trtexec(env), onnx, partial, backend.contract, max_batch, version, timing
-    )
+    command = trtexec_command(find_trtexec(env), onnx, partial, backend, max_batch, version, timing)
     print(f"{PROG}: building {plan.name} (minutes on first start): {' '.join(command)}",
           file=sys.stderr)  # fmt: skip
     result = subprocess.run(command, stdout=sys.stderr, env=dict(env), check=False)

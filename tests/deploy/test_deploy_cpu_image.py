@@ -155,7 +155,7 @@ def test_image_entrypoint_serves_correct_answers(
     try:
         session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
         meta = session.get_modelmeta().custom_metadata_map
-        shape = (5, *json.loads(meta["tensorferry.input_shape"]))
+        shape = (5, *json.loads(meta["tensorferry.preprocessing"])["image"]["shape"])
         images = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
         answer = infer_json(server.url, meta["tensorferry.model_name"], images)
         logits, probabilities = session.run(["logits", "probabilities"], {"images": images})

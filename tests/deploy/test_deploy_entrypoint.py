@@ -91,7 +91,7 @@ def test_serves_exit_code_passes_through(tmp_path: Path) -> None:
     result = run_entrypoint("--engine", str(plan))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        f"serve: error: {plan} has no sidecar model.trt.json; rebuild it with the engine stage"
+        f"serve: error: {plan} is a TensorRT plan but tensorrt is not installed here"
     )
 
 

@@ -157,7 +157,7 @@ def test_onnx_without_metadata_is_refused(shared, tmp_path):
     del model.metadata_props[:]
     bare = tmp_path / "model.onnx"
     onnx.save(model, str(bare))
-    with pytest.raises(StageError, match="lacks tensorferry metadata tensorferry.model_name"):
+    with pytest.raises(StageError, match="lacks tensorferry metadata"):
         engine.build_engine(EngineParams(), bare, tmp_path / "engine", shared.data_dir, None)
     assert listing(tmp_path) == ["model.onnx"]
 

@@ -22,7 +22,7 @@ from pipeline.dataset import load_meta
 from pipeline.errors import StageError
 from pipeline.models import Classifier
 from pipeline.params import ExportParams, load_with_overrides
-from serving.contract import KEY_GIT_REVISION, ModelContract
+from serving.contract import KEY_GIT_REVISION, ImagePreprocessing, ModelContract
 from tests.pipeline.export_fixtures import CLASS_NAMES, SHAPE, shared_export
 
 
@@ -73,9 +73,8 @@ def test_metadata_carries_the_contract(shared):
     contract = onnx_tools.read_contract(shared.variant("fp32"))
     meta = load_meta(shared.data_dir)
     assert contract.class_names == CLASS_NAMES
-    assert contract.input_name == "images" and contract.input_layout == "NCHW"
-    assert contract.input_shape == SHAPE and contract.input_dtype == "uint8"
-    assert contract.value_range == (0.0, 255.0)
+    assert contract.task == "image_classification"
+    assert contract.image == ImagePreprocessing("images", "NCHW", SHAPE, "uint8", (0.0, 255.0))
     assert contract.model_name == "seed_cnn" and contract.precision == "fp32"
     assert contract.data_fingerprint == meta.fingerprint
     assert contract.params_hash == shared.report["params_hash"]

@@ -28,7 +28,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from serving.contract import ModelContract
+from serving.contract import IMAGE_CLASSIFICATION, ImagePreprocessing, ModelContract
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = ("cat", "dog", "ship", "truck")
@@ -53,12 +53,9 @@ def reference(model: Path, batch: np.ndarray) -> dict[str, np.ndarray]:
 def contract(shape: tuple[int, int, int] = (3, 8, 8), name: str = "tiny") -> ModelContract:
     return ModelContract(
         model_name=name,
+        task=IMAGE_CLASSIFICATION,
         class_names=CLASSES,
-        input_name="images",
-        input_layout="NCHW",
-        input_shape=shape,
-        input_dtype="uint8",
-        value_range=(0.0, 255.0),
+        image=ImagePreprocessing("images", "NCHW", shape, "uint8", (0.0, 255.0)),
         precision="fp32",
     )
 

@@ -24,8 +24,10 @@ from serving.server import instance_threads, warmup_sizes
 def test_reads_contract_and_io(tiny_model: Path) -> None:
     backend = load_onnxruntime(tiny_model, "cpu", 1)
     assert backend.contract.class_names == ("cat", "dog", "ship", "truck")
-    assert backend.inputs[0].shape == (-1, 3, 8, 8) and backend.inputs[0].datatype == "UINT8"
-    out = backend.run(np.zeros((3, 3, 8, 8), np.uint8))
+    (spec,) = backend.signature.inputs
+    assert spec.shape == (-1, 3, 8, 8) and spec.datatype == "UINT8"
+    assert backend.signature.batching
+    out = backend.run({"images": np.zeros((3, 3, 8, 8), np.uint8)})
     assert out["logits"].shape == (3, 4) and out["probabilities"].shape == (3, 4)
 
 
@@ -73,7 +75,7 @@ def test_onnxruntime_backend_closes_its_session_once(tiny_model: Path) -> None:
     backend.close()  # idempotent
     assert backend.session is None
     with pytest.raises(EngineError, match="closed"):
-        backend.run(np.zeros((1, 3, 8, 8), np.uint8))
+        backend.run({"images": np.zeros((1, 3, 8, 8), np.uint8)})
 
 
 class Closes:
@@ -81,11 +83,11 @@ class Closes:
 
     def __init__(self, backend, max_batch: int | None = None) -> None:
         self.backend, self.closed = backend, 0
-        self.contract, self.inputs, self.outputs = backend.contract, backend.inputs, backend.outputs
+        self.contract, self.signature = backend.contract, backend.signature
         self.platform, self.info, self.max_batch = backend.platform, backend.info, max_batch
 
-    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        return self.backend.run(batch)
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.backend.run(inputs)
 
     def close(self) -> None:
         self.closed += 1

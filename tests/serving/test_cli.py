@@ -50,8 +50,8 @@ def test_flush_denormals_from_flag_or_env_var(
     assert context.params["flush_denormals"] is expected
 
 
-def _no_metadata(tmp: Path) -> Path:
-    return build_model(tmp / "bare.onnx", metadata={KEY_MODEL_NAME: "bare"})
+def _partial_metadata(tmp: Path) -> Path:
+    return build_model(tmp / "partial.onnx", metadata={KEY_MODEL_NAME: "partial"})
 
 
 def _fixed_batch(tmp: Path) -> Path:
@@ -61,6 +61,12 @@ def _fixed_batch(tmp: Path) -> Path:
 def _corrupt(tmp: Path) -> Path:
     (tmp / "corrupt.onnx").write_bytes(b"\x08\x07garbage" * 50)
     return tmp / "corrupt.onnx"
+
+
+def _plan_with_unreadable_sidecar(tmp: Path) -> Path:
+    (tmp / "m.trt").write_bytes(b"not really a plan")
+    (tmp / "m.trt.json").write_text("{not json")
+    return tmp / "m.trt"
 
 
 def _plan_without_tensorrt(tmp: Path) -> Path:
@@ -78,13 +84,26 @@ def _plan_without_tensorrt(tmp: Path) -> Path:
     [
         (lambda tmp: tmp / "missing.onnx", "does not exist"),
         (_corrupt, "is not a loadable ONNX model"),
-        (_no_metadata, "lacks tensorferry metadata"),
+        (_partial_metadata, "partial tensorferry metadata"),
         (_fixed_batch, "dynamic batch"),
-        (lambda tmp: (tmp / "m.trt").write_bytes(b"x") and tmp / "m.trt", "has no sidecar"),
+        (_plan_with_unreadable_sidecar, "is unreadable"),
         (_plan_without_tensorrt, "tensorrt is not installed"),
+        (
+            lambda tmp: (tmp / "m.trt").write_bytes(b"x") and tmp / "m.trt",
+            "tensorrt is not installed",
+        ),
         (lambda tmp: (tmp / "m.pt").write_bytes(b"x") and tmp / "m.pt", "expected one of"),
     ],
-    ids=["missing", "corrupt", "no-metadata", "fixed-batch", "no-sidecar", "no-tensorrt", "suffix"],
+    ids=[
+        "missing",
+        "corrupt",
+        "partial-metadata",
+        "fixed-batch",
+        "bad-sidecar",
+        "no-tensorrt",
+        "bare-plan-no-tensorrt",
+        "suffix",
+    ],  # fmt: skip
 )
 def test_bad_engine_stops_start_up_with_one_line(tmp_path: Path, make, needle: str) -> None:
     result = runner.invoke(app, ["--engine", str(make(tmp_path)), "--port", "0"])

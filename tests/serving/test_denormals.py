@@ -83,7 +83,7 @@ async def _three_requests(backend, flush: bool) -> list[np.ndarray]:
     answered = [loop.create_future() for _ in range(3)]
     for future in answered:
         done = lambda outputs, error, future=future: future.set_result(outputs)  # noqa: E731
-        assert scheduler.submit(image, done, None)
+        assert scheduler.submit({"images": image}, len(image), done, None)
     results = await asyncio.wait_for(asyncio.gather(*answered), 30)
     scheduler.stop()
     return [outputs["logits"] for outputs in results]

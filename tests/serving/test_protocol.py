@@ -719,10 +719,10 @@ def test_preprocess_resizes_and_converts_channels() -> None:
 
     buffer = io.BytesIO()
     Image.new("L", (31, 17), 90).save(buffer, format="JPEG")
-    rgb = preprocess(buffer.getvalue(), contract((3, 8, 6)))
+    rgb = preprocess(buffer.getvalue(), contract((3, 8, 6)).image)
     assert rgb.shape == (1, 3, 8, 6) and rgb.dtype == np.uint8
     assert abs(int(rgb.mean()) - 90) <= 2
-    gray = preprocess(buffer.getvalue(), contract((1, 4, 4)))
+    gray = preprocess(buffer.getvalue(), contract((1, 4, 4)).image)
     assert gray.shape == (1, 1, 4, 4)
 
 

@@ -99,6 +99,9 @@ def test_api_never_errors(
     @given(case=operation.as_strategy(mode))
     def fuzz(case) -> None:
         response = case.call(base_url=fuzz_server.url, timeout=RESPONSE_S)
+        if _timed_out_as_asked(case, response):
+            tried["504 within its own timeout"] += 1
+            return
         tried[str(response.status_code)] += 1
         checks = CHECKS if mode is GenerationMode.POSITIVE else CHECKS[:1]
         case.validate_response(response, checks=checks)
@@ -106,9 +109,24 @@ def test_api_never_errors(
     fuzz()
 
 
+def _timed_out_as_asked(case: Any, response: Any) -> bool:
+    """A 504 for a request whose own ``timeout`` parameter (µs, any >= 0 is schema-valid)
+    ran out in the queue: the answer the protocol asks for, not a server error."""
+    body = case.body if isinstance(case.body, dict) else {}
+    parameters = body.get("parameters")
+    asked = isinstance(parameters, dict) and type(parameters.get("timeout")) is int
+    return (
+        asked
+        and response.status_code == 504
+        and "request timeout expired" in response.json().get("error", "")
+    )
+
+
 def test_server_alive_and_serving_after_the_fuzz(fuzz_server: ServerProcess) -> None:
     assert fuzz_server.proc.poll() is None
     status, answer, _ = post(fuzz_server, infer_json(request_id="after-fuzz"))
     assert status == 200 and answer["id"] == "after-fuzz"
-    assert sum(tried.values()) > 0 and not any(code.startswith("5") for code in tried)
+    assert sum(tried.values()) > 0 and not any(
+        code.startswith("5") for code in tried if " " not in code
+    )
     print(f"\nRELIABILITY fuzz: {sum(tried.values())} schemathesis cases, by status {dict(tried)}")

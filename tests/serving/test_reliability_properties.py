@@ -87,7 +87,7 @@ async def _run_mix(backends: list, rows: list[int], max_batch: int) -> list:
         return done
 
     for i, array in enumerate(arrays):  # one loop pass: they batch as the server would
-        assert scheduler.submit(array, done_for(i), None)
+        assert scheduler.submit({"images": array}, len(array), done_for(i), None)
     await asyncio.wait_for(finished.wait(), 30)
     await asyncio.sleep(0.01)  # a duplicate answer would arrive here
     scheduler.stop()

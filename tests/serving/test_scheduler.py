@@ -32,7 +32,7 @@ class CountedRuns:
         self.runs = 0
         self.second_started = threading.Event()
 
-    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.runs += 1
         if self.runs == 2:
             self.second_started.set()
@@ -49,9 +49,11 @@ async def _queue_behind_a_running_batch_then_block_the_loop(backend: CountedRuns
     def done_for(i: int):
         return lambda outputs, error: answered[i].set_result(error)
 
-    assert scheduler.submit(image, done_for(0), None)
+    assert scheduler.submit({"images": image}, len(image), done_for(0), None)
     await asyncio.sleep(0.05)  # the pass ends, the idle worker takes the first batch
-    assert scheduler.submit(image, done_for(1), None)  # one row per batch: it must wait
+    assert scheduler.submit(
+        {"images": image}, len(image), done_for(1), None
+    )  # one row per batch: it must wait
     # The event loop is stuck here (a blocking wait): it can hand nothing over, answer nothing.
     started_while_blocked = backend.second_started.wait(30)
     assert await asyncio.wait_for(asyncio.gather(*answered), 10) == [None, None]
@@ -75,7 +77,7 @@ async def _answer_twenty(backend, timeout_s: float | None) -> None:
     answered = [loop.create_future() for _ in range(20)]
     for future in answered:
         done = lambda outputs, error, future=future: future.set_result(error)  # noqa: E731
-        assert scheduler.submit(np.zeros((1, 3, 8, 8), np.uint8), done, timeout_s)
+        assert scheduler.submit({"images": np.zeros((1, 3, 8, 8), np.uint8)}, 1, done, timeout_s)
     assert await asyncio.wait_for(asyncio.gather(*answered), 10) == [None] * 20
     scheduler.stop()
 
@@ -109,8 +111,8 @@ class HeldInside:
         self.release = release
         self.batch_rows: list[int] = []
 
-    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        self.batch_rows.append(len(batch))
+    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.batch_rows.append(len(batch["images"]))
         if len(self.batch_rows) == 1:
             self.inside.wait()  # BrokenBarrierError if the other instance is not running too
             self.release.wait(10)
@@ -127,7 +129,7 @@ async def _two_batches_at_once(
     answered = [loop.create_future() for _ in requests]
     for array, future in zip(requests, answered, strict=True):  # one pass: one wake-up
         done = lambda outputs, error, future=future: future.set_result((outputs, error))  # noqa: E731
-        assert scheduler.submit(array, done, None)
+        assert scheduler.submit({"images": array}, len(array), done, None)
     await loop.run_in_executor(None, backends[0].inside.wait)  # both instances are running
     assert not scheduler.idle
     backends[0].release.set()
@@ -168,7 +170,7 @@ def test_instances_run_their_batches_at_the_same_time(
     answers = asyncio.run(_two_batches_at_once(backends, max_batch, requests))
     assert sorted(b.batch_rows[0] for b in backends) == first_batches
     assert sum(sum(b.batch_rows) for b in backends) == sum(rows)
-    expected = backends[0].backend.run(images)
+    expected = backends[0].backend.run({"images": images})
     for name, want in expected.items():
         np.testing.assert_allclose(np.concatenate([a[name] for a in answers]), want, rtol=1e-6)
 
@@ -176,7 +178,7 @@ def test_instances_run_their_batches_at_the_same_time(
 class FailsInside(HeldInside):
     """Held like HeldInside, then raises instead of running."""
 
-    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         super().run(batch)
         raise RuntimeError("device lost")
 
@@ -192,7 +194,7 @@ async def _answers_to_one_request(backends: list, array: np.ndarray) -> list:
         loop.call_later(0.3, last.set_result, None)  # time for a second, wrong answer
 
     scheduler.start()
-    assert scheduler.submit(array, done, None)
+    assert scheduler.submit({"images": array}, len(array), done, None)
     await asyncio.wait_for(last, 10)
     scheduler.stop()
     return answers
