@@ -98,7 +98,7 @@ def timed(backend, batch: np.ndarray, runs: int, flush_thread: bool) -> tuple[fl
         times = []
         for _ in range(runs):
             start = time.perf_counter()
-            found["logits"] = backend.run(batch)["logits"]
+            found["logits"] = backend.run({"images": batch})["logits"]
             times.append(time.perf_counter() - start)
         found["ms"] = statistics.median(times) * 1e3
 

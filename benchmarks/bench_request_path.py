@@ -64,7 +64,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp())
     model = build_cnn(folder / "seed_cnn.onnx")
     backend = load_onnxruntime(model, "cpu", 1)
-    outputs = backend.run(np.zeros((CONNECTIONS, 3, 32, 32), np.uint8))
+    outputs = backend.run({"images": np.zeros((CONNECTIONS, 3, 32, 32), np.uint8)})
     body_path, header_length = write_body(folder, 1)
     body = body_path.read_bytes()
     request = (

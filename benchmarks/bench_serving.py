@@ -34,7 +34,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from serving.backends import load_onnxruntime  # noqa: E402  (the server's own session settings)
-from serving.contract import ModelContract  # noqa: E402
+from serving.contract import (  # noqa: E402
+    IMAGE_CLASSIFICATION,
+    ImagePreprocessing,
+    ModelContract,
+)
 
 SHAPE = (3, 32, 32)
 
@@ -118,9 +122,12 @@ def save_classifier(path: Path, name: str, shape: tuple[int, ...], nodes, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     contract = ModelContract(
-        name, tuple(f"class_{i}" for i in range(10)), "images", "NCHW", shape, "uint8",
-        (0.0, 255.0), "fp32",
-    )  # fmt: skip
+        name,
+        IMAGE_CLASSIFICATION,
+        tuple(f"class_{i}" for i in range(10)),
+        ImagePreprocessing("images", "NCHW", shape, "uint8", (0.0, 255.0)),  # type: ignore[arg-type]
+        "fp32",
+    )
     helper.set_model_props(model, contract.to_metadata())
     onnx.save(model, path)
     return path
@@ -128,7 +135,7 @@ def save_classifier(path: Path, name: str, shape: tuple[int, ...], nodes, inits)
 
 # Raw ceiling ------------------------------------------------------------------------------------
 def ceiling_at(backend, batch: int, seconds: float) -> float:
-    x = np.random.default_rng(batch).integers(0, 256, (batch, *SHAPE), dtype=np.uint8)
+    x = {"images": np.random.default_rng(batch).integers(0, 256, (batch, *SHAPE), dtype=np.uint8)}
     for _ in range(5):
         backend.run(x)
     runs, start = 0, time.perf_counter()
@@ -179,9 +186,15 @@ def wait_ready(url: str, timeout: float = 30) -> None:
 
 
 def start_server(
-    model: Path, threads: int, max_batch: int, lean: bool = False, instances: int = 1
+    model: Path,
+    threads: int,
+    max_batch: int,
+    lean: bool = False,
+    instances: int = 1,
+    repo: Path = REPO,
 ) -> tuple[subprocess.Popen, str]:
-    """The real server, or with ``lean`` the bare reference server in lean_server.py."""
+    """The real server (from the source tree ``repo``), or with ``lean`` the bare reference
+    server in lean_server.py."""
     port = free_port()
     if lean:
         command = [sys.executable, str(REPO / "benchmarks" / "lean_server.py"), str(model)]
@@ -192,7 +205,7 @@ def start_server(
             "--threads", str(threads), "--max-batch-size", str(max_batch),
             "--instances", str(instances), "--log-level", "WARNING",
         ]  # fmt: skip
-    proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(command, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
     url = f"http://127.0.0.1:{port}"
     wait_ready(url)
     return proc, url
@@ -236,7 +249,14 @@ def write_body(folder: Path, rows: int) -> tuple[Path, int]:
     return path, len(header)
 
 
-def run_wrk(url: str, body: tuple[Path, int], connections: int, seconds: float, pid: int) -> dict:
+def run_wrk(
+    url: str,
+    body: tuple[Path, int],
+    connections: int,
+    seconds: float,
+    pid: int,
+    model_name: str = "seed_cnn",
+) -> dict:
     script = Path(tempfile.gettempdir()) / "bench_serving.lua"
     script.write_text(WRK_SCRIPT)
     env = {**os.environ, "BENCH_BODY": str(body[0]), "BENCH_HEADER_LENGTH": str(body[1])}
@@ -252,7 +272,7 @@ def run_wrk(url: str, body: tuple[Path, int], connections: int, seconds: float, 
     ]
     cpu_before = cpu_seconds(pid)
     done = subprocess.run(
-        [*command, url + "/v2/models/seed_cnn/infer"],
+        [*command, f"{url}/v2/models/{model_name}/infer"],
         env=env,
         capture_output=True,
         text=True,
@@ -268,13 +288,20 @@ class Server:
     """A server for one setting, kept up across runs so runs can interleave with others."""
 
     def __init__(
-        self, model: Path, threads: int, max_batch: int, lean: bool = False, instances: int = 1
+        self,
+        model: Path,
+        threads: int,
+        max_batch: int,
+        lean: bool = False,
+        instances: int = 1,
+        repo: Path = REPO,
     ) -> None:
         self.threads = threads
-        self.proc, self.url = start_server(model, threads, max_batch, lean, instances)
+        self.model_name = model.stem
+        self.proc, self.url = start_server(model, threads, max_batch, lean, instances, repo)
 
     def load(self, body: tuple[Path, int], rows: int, connections: int, seconds: float) -> dict:
-        r = run_wrk(self.url, body, connections, seconds, self.proc.pid)
+        r = run_wrk(self.url, body, connections, seconds, self.proc.pid, self.model_name)
         images = r["requests"] * rows
         return {
             **r,

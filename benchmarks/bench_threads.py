@@ -65,7 +65,7 @@ def median_ms(backend, image: np.ndarray, runs: int) -> float:
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        backend.run(image)
+        backend.run({"images": image})
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 
@@ -82,7 +82,7 @@ def main() -> None:
     print("\n| model | 1 thread ms | 2 threads ms | 1 thread / 2 threads |\n|---|---|---|---|")
     for name, path in models.items():
         backends = {threads: load_onnxruntime(path, "cpu", threads) for threads in (1, 2)}
-        spec = backends[1].inputs[0]
+        spec = backends[1].signature.inputs[0]
         image = np.random.default_rng(0).integers(0, 256, (1, *spec.shape[1:]), np.uint8)
         for backend in backends.values():
             median_ms(backend, image, 20)  # warm-up: the first 2-thread runs are slow

@@ -58,7 +58,8 @@ class Worker:
     def run(self) -> None:
         while batch := self.take():
             arrays = [array for _, array in batch]
-            outputs = self.backend.run(arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
+            batch = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+            outputs = self.backend.run({"images": batch})
             self.loop.call_soon_threadsafe(answer, batch, outputs)
 
 
@@ -124,9 +125,9 @@ class Connection(asyncio.Protocol):
 async def main(model: Path, port: int, threads: int) -> None:
     loop = asyncio.get_running_loop()
     backend = load_onnxruntime(model, "cpu", threads)
-    shape = backend.inputs[0].shape[1:]
+    shape = backend.signature.inputs[0].shape[1:]
     for size in (1, MAX_BATCH):
-        backend.run(np.zeros((size, *shape), np.uint8))
+        backend.run({"images": np.zeros((size, *shape), np.uint8)})
     worker = Worker(backend, loop)
     server = await loop.create_server(lambda: Connection(worker, shape), "127.0.0.1", port)
     await server.serve_forever()
