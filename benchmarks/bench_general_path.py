@@ -66,7 +66,6 @@ def build_token_model(path: Path) -> Path:
         numpy_helper.from_array(rng.standard_normal((VOCAB, 64)).astype(np.float32), "embed"),
         numpy_helper.from_array(rng.standard_normal((64, 2)).astype(np.float32), "w"),
         numpy_helper.from_array(np.zeros(2, np.float32), "b"),
-        numpy_helper.from_array(np.array([1], np.int64), "axis1"),
         numpy_helper.from_array(np.array([-1], np.int64), "last"),
     ]
     node = helper.make_node
@@ -75,7 +74,7 @@ def build_token_model(path: Path) -> Path:
         node("Cast", ["mask"], ["weights"], to=TensorProto.FLOAT),
         node("Unsqueeze", ["weights", "last"], ["weights3"]),
         node("Mul", ["vectors", "weights3"], ["masked"]),
-        node("ReduceMean", ["masked", "axis1"], ["pooled"], keepdims=0),
+        node("ReduceMean", ["masked"], ["pooled"], axes=[1], keepdims=0),
         node("Gemm", ["pooled", "w", "b"], ["logits"]),
     ]
     inputs = [
@@ -214,6 +213,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="bench_general_"))
     trees = {"baseline": baseline_tree(args.baseline, folder), "current": REPO}
     try:
+        tokens = build_token_model(folder / "tokens.onnx")
         current = bench.build_cnn(folder / "seed_cnn.onnx")
         models = {
             "current": current,
@@ -228,7 +228,7 @@ def main() -> None:
                 seed_cnn_pairs(models, trees, folder, rows, conns, args)
                 for rows, conns in ((1, 64), (64, 4))
             ],
-            "tokens": token_model(build_token_model(folder / "tokens.onnx"), folder, args),
+            "tokens": token_model(tokens, folder, args),
         }
     finally:
         subprocess.run(
