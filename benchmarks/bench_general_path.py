@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -116,18 +115,6 @@ def write_token_body(folder: Path) -> tuple[Path, int]:
     return path, len(header)
 
 
-def rate(backend, feed: dict[str, np.ndarray], seconds: float) -> float:
-    """Rows/s of backend.run (session.run) on ``feed`` in a loop."""
-    rows = len(next(iter(feed.values())))
-    for _ in range(5):
-        backend.run(feed)
-    runs, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        backend.run(feed)
-        runs += 1
-    return runs * rows / (time.perf_counter() - start)
-
-
 def baseline_tree(revision: str, folder: Path) -> Path:
     tree = folder / "baseline"
     subprocess.run(
@@ -162,8 +149,8 @@ def seed_cnn_pairs(models: dict[str, Path], trees: dict[str, Path], folder, rows
 def token_model(model: Path, folder: Path, args) -> dict:
     backend = load_onnxruntime(model, "cpu", THREADS)
     probes = {
-        "1": lambda: rate(backend, token_feed(1), 1.0),
-        "64": lambda: rate(backend, token_feed(64), 1.5),
+        "1": lambda: bench.rows_per_second(backend, token_feed(1), 1.0),
+        "64": lambda: bench.rows_per_second(backend, token_feed(64), 1.5),
     }
     server = bench.Server(model, THREADS, 64)
     body = write_token_body(folder)

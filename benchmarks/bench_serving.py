@@ -135,14 +135,20 @@ def save_classifier(path: Path, name: str, shape: tuple[int, ...], nodes, inits)
 
 # Raw ceiling ------------------------------------------------------------------------------------
 def ceiling_at(backend, batch: int, seconds: float) -> float:
-    x = {"images": np.random.default_rng(batch).integers(0, 256, (batch, *SHAPE), dtype=np.uint8)}
+    x = np.random.default_rng(batch).integers(0, 256, (batch, *SHAPE), dtype=np.uint8)
+    return rows_per_second(backend, {"images": x}, seconds)
+
+
+def rows_per_second(backend, feed: dict[str, np.ndarray], seconds: float) -> float:
+    """Rows/s of backend.run (session.run) on ``feed`` in a loop, after 5 warm-up runs."""
+    rows = len(next(iter(feed.values())))
     for _ in range(5):
-        backend.run(x)
+        backend.run(feed)
     runs, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        backend.run(x)
+        backend.run(feed)
         runs += 1
-    return runs * batch / (time.perf_counter() - start)
+    return runs * rows / (time.perf_counter() - start)
 
 
 def parallel_ceiling(backends: list, batch: int, seconds: float) -> float:
