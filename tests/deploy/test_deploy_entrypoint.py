@@ -225,3 +225,29 @@ def test_healthcheck_follows_readiness(entrypoint_server: ServerProcess) -> None
 
     assert check(port) == 0
     assert check(str(free_port())) == 1
+
+
+def test_trtexec_gets_a_shape_for_every_input_of_a_bare_model(tmp_path: Path) -> None:
+    from serving.backends import load_backend
+    from tests.serving import any_models
+
+    model = any_models.two_inputs_three_outputs(tmp_path / "two.onnx")
+    backend = load_backend(model, "cpu", 1)
+    command = entrypoint.trtexec_command(
+        "trtexec", model, tmp_path / "p.trt", backend, 16, "10.3.0.30", tmp_path / "t"
+    )
+    assert "--minShapes=features:1x3,counts:1x2" in command
+    assert "--maxShapes=features:16x3,counts:16x2" in command
+    assert not any(arg.startswith("--fp16") for arg in command)  # no recorded precision
+
+
+def test_trtexec_refuses_a_dynamic_dim_it_cannot_size(tmp_path: Path) -> None:
+    from serving.backends import load_backend
+    from tests.serving import any_models
+
+    model = any_models.dynamic_length(tmp_path / "lengths.onnx")
+    backend = load_backend(model, "cpu", 1)
+    with pytest.raises(entrypoint.EntrypointError, match="dynamic dims besides the batch"):
+        entrypoint.trtexec_command(
+            "trtexec", model, tmp_path / "p.trt", backend, 16, "10.3.0.30", tmp_path / "t"
+        )
