@@ -3,7 +3,8 @@ baseline commit's, alternating runs under the same load, plus a two-input int64 
 
 Claim (docs/benchmarks.md): the general path (any signature, several inputs, shape
 groups) serves the seed CNN within noise of the image-only server it replaced. Evidence:
-median img/s over --runs runs of each server, taking turns, each run's ratio to the
+median img/s over --runs runs of each server, taking turns (first and second in
+turn), each run's ratio to the
 session.run batch-64 ceiling measured just before and after it (same threads). The
 two-input model (token ids and a mask, INT64 [N, 16], an embedding bag) has only the
 general path, so it is set against its own session.run ceiling.
@@ -131,19 +132,39 @@ def seed_cnn_pairs(models: dict[str, Path], trees: dict[str, Path], folder, rows
         bench.Server(models[name], THREADS, 64, repo=trees[name])
         for name in ("baseline", "current")
     )
-    pairs = bench.alternating(
-        servers, folder, rows, conns, args, lambda run: bench.bracketed(run, probe)
-    )
+    pairs = taking_turns(servers, bench.write_body(folder, rows), rows, conns, args, probe)
     return {
         "rows": rows,
         "connections": conns,
         **bench.pair_medians(
-            pairs, ("baseline", "current"), ("img_s", "ratio_64", "p50_ms", "p99_ms", "cpu_us")
+            pairs,
+            ("baseline", "current"),
+            ("img_s", "ratio_64", "p50_ms", "p99_ms", "cpu_us", "loop_us"),
         ),
         "ceiling_64": statistics.median(r["ceiling_64"] for pair in pairs for r in pair),
         "current_over_baseline": statistics.median(b["img_s"] / a["img_s"] for a, b in pairs),
         "errors": bench.errors(r for pair in pairs for r in pair),
     }
+
+
+def taking_turns(servers, body, rows: int, conns: int, args, probe) -> list[tuple[dict, dict]]:
+    """(baseline, current) figures per run, the order swapped every other run, so that
+    neither server always runs second after the other's load; both stop at the end."""
+    try:
+        for server in servers:
+            server.load(body, rows, conns, 1)
+        pairs = []
+        for run in range(args.runs):
+            order = servers if run % 2 == 0 else servers[::-1]
+            figures = {
+                id(s): bench.bracketed(lambda s=s: s.load(body, rows, conns, args.duration), probe)
+                for s in order
+            }
+            pairs.append((figures[id(servers[0])], figures[id(servers[1])]))
+        return pairs
+    finally:
+        for server in servers:
+            bench.stop_server(server.proc)
 
 
 def token_model(model: Path, folder: Path, args) -> dict:
@@ -172,11 +193,13 @@ def report(results: dict) -> None:
     columns = (
         "images/request", "connections", "baseline img/s", "current img/s", "current / baseline",
         "ceiling b64", "baseline ratio", "current ratio", "baseline p99 ms", "current p99 ms",
-        "baseline CPU µs/img", "current CPU µs/img", "errors",
+        "baseline CPU µs/img", "current CPU µs/img", "baseline event loop µs/img",
+        "current event loop µs/img", "errors",
     )  # fmt: skip
     keys = ("rows", "connections", "baseline_img_s", "current_img_s", "current_over_baseline")
     keys += ("ceiling_64", "baseline_ratio_64", "current_ratio_64", "baseline_p99_ms")
-    keys += ("current_p99_ms", "baseline_cpu_us", "current_cpu_us", "errors")
+    keys += ("current_p99_ms", "baseline_cpu_us", "current_cpu_us", "baseline_loop_us")
+    keys += ("current_loop_us", "errors")
     print(bench.table(columns, [[r[k] for k in keys] for r in results["seed_cnn"]]))
     t = results["tokens"]
     print(

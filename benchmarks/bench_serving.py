@@ -276,7 +276,7 @@ def run_wrk(
         "--timeout",
         "10s",
     ]
-    cpu_before = cpu_seconds(pid)
+    cpu_before, loop_before = cpu_seconds(pid), cpu_seconds(pid, f"task/{pid}/stat")
     done = subprocess.run(
         [*command, f"{url}/v2/models/{model_name}/infer"],
         env=env,
@@ -286,6 +286,7 @@ def run_wrk(
     )
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result["server_cpu_s"] = cpu_seconds(pid) - cpu_before
+    result["loop_cpu_s"] = cpu_seconds(pid, f"task/{pid}/stat") - loop_before  # main thread
     return result
 
 
@@ -313,6 +314,7 @@ class Server:
             **r,
             "img_s": images / r["seconds"],
             "cpu_us": 1e6 * r["server_cpu_s"] / max(1, images),
+            "loop_us": 1e6 * r["loop_cpu_s"] / max(1, images),
         }
 
 

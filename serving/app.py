@@ -31,7 +31,7 @@ from serving.contract import (
 )
 from serving.http import Request
 from serving.metrics import CONTENT_TYPE, Metrics
-from serving.protocol import InferCodec, InferRequest, ProtocolError
+from serving.protocol import InferCodec, InferRequest, ProtocolError, batch_group
 from serving.scheduler import BackendFailure, QueueTimeout, Scheduler
 
 
@@ -388,7 +388,8 @@ class App:
             log.exception("classify failed before inference")
             return self._finish(request, exc, start)
         answered: asyncio.Future[tuple[Any, Exception | None]] = loop.create_future()
-        inputs, group = {image.input_name: array}, (image.shape,)  # the group infer forms
+        inputs = {image.input_name: array}
+        group = batch_group(self.signature, [array])  # the group infer forms
         if not self._submit(
             request, inputs, 1, group, lambda o, e: answered.set_result((o, e)), None
         ):

@@ -91,6 +91,11 @@ class Signature:
         tensors = inputs + outputs
         return cls(inputs, outputs, all(s.shape and s.shape[0] == -1 for s in tensors))
 
+    @property
+    def shapes_vary(self) -> bool:
+        """Whether an input has a dynamic dim besides the batch: requests may differ in it."""
+        return any(-1 in spec.shape[1 if self.batching else 0 :] for spec in self.inputs)
+
     def input(self, name: str) -> TensorSpec | None:
         return next((s for s in self.inputs if s.name == name), None)
 

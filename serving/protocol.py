@@ -325,11 +325,15 @@ def _raw_input(body: bytes, signature: Signature) -> InferRequest:
     raw = {"parameters": {"binary_data_size": len(body)}}
     array = _binary_data(raw, spec, shape, memoryview(body), 0)
     outputs = tuple(RequestedOutput(s.name, True) for s in signature.outputs)
-    return InferRequest({spec.name: array}, 1, _group(signature, [array]), outputs)
+    return InferRequest({spec.name: array}, 1, batch_group(signature, [array]), outputs)
 
 
-def _group(signature: Signature, arrays: list[np.ndarray]) -> tuple:
-    return tuple(a.shape[1:] for a in arrays) if signature.batching else ()
+def batch_group(signature: Signature, arrays: list[np.ndarray]) -> tuple:
+    """The key of the requests ``arrays`` (inputs in signature order) may batch with: every
+    input's non-batch shape, or () when the signature fixes them all (no key to hash)."""
+    if signature.batching and signature.shapes_vary:
+        return tuple(a.shape[1:] for a in arrays)
+    return ()
 
 
 # outputs ---------------------------------------------------------------------------------
@@ -396,7 +400,7 @@ def _decode(
     request = InferRequest(
         inputs,
         rows,
-        _group(signature, arrays),
+        batch_group(signature, arrays),
         _outputs(header, signature, default_binary),
         None if request_id is None else str(request_id),
         timeout_us,
@@ -565,7 +569,7 @@ class InferCodec:
         inputs = {}
         for name, dtype, count, offset, shape in known.layout:
             inputs[name] = np.frombuffer(body, dtype, count, header_length + offset).reshape(shape)
-        return InferRequest._make((inputs, *known.tail))
+        return InferRequest(inputs, *known.tail)
 
     def _decode(self, body: bytes, header_length: int, key: bytes) -> InferRequest:
         request, layout = _decode(body, header_length, self.signature, self.max_batch)

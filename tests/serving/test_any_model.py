@@ -3,6 +3,7 @@ KServe's client, each answer checked against onnxruntime called directly."""
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import threading
@@ -115,13 +116,14 @@ def close(got: np.ndarray, want: np.ndarray, name: str = "") -> None:
         np.testing.assert_array_equal(got, want, err_msg=name)
 
 
-def random_inputs(signature: dict, rows: int, seed: int = 0, **lengths: int) -> dict:
-    """Inputs for a model's metadata (``/v2/models/m``), dynamic non-batch dims 4."""
+def random_inputs(metadata: dict, rows: int, seed: int = 0) -> dict:
+    """Inputs for a model's metadata (``/v2/models/m``): ``rows`` rows, other dynamic dims 4."""
     rng = np.random.default_rng(seed)
     inputs = {}
-    for spec in signature["inputs"]:
-        shape = [rows if i == 0 and d == -1 else lengths.get(spec["name"], 4) if d == -1 else d
-                 for i, d in enumerate(spec["shape"])]  # fmt: skip
+    for spec in metadata["inputs"]:
+        shape = [
+            rows if i == 0 and d == -1 else 4 if d == -1 else d for i, d in enumerate(spec["shape"])
+        ]
         inputs[spec["name"]] = _values(spec["datatype"], shape, rng)
     return inputs
 
@@ -362,8 +364,6 @@ def test_models_exported_with_contract_version_1_still_serve(tmp_path: Path) -> 
     model = build_model(tmp_path / "old.onnx", metadata=v1)
     server = start_server(model, "--threads", "1")
     try:
-        import io
-
         from PIL import Image
 
         png = io.BytesIO()

@@ -101,7 +101,9 @@ def test_json_nested_data_and_output_selection() -> None:
     parsed = decode_infer(payload, None, SIG, 8)
     np.testing.assert_array_equal(parsed.inputs["images"], data)
     assert parsed.outputs == (RequestedOutput("probabilities", True, 0),)
-    assert parsed.request_id == "x" and parsed.rows == 2 and parsed.group == ((3, 2, 2),)
+    assert (
+        parsed.request_id == "x" and parsed.rows == 2 and parsed.group == ()
+    )  # fixed shapes: one group
 
 
 def test_binary_input_and_binary_output_default() -> None:
