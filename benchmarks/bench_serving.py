@@ -27,6 +27,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -294,18 +295,11 @@ def run_wrk(
 class Server:
     """A server for one setting, kept up across runs so runs can interleave with others."""
 
-    def __init__(
-        self,
-        model: Path,
-        threads: int,
-        max_batch: int,
-        lean: bool = False,
-        instances: int = 1,
-        repo: Path = REPO,
-    ) -> None:
+    def __init__(self, model: Path, threads: int, max_batch: int, **options: Any) -> None:
+        """``options``: start_server's lean, instances and repo."""
         self.threads = threads
         self.model_name = model.stem
-        self.proc, self.url = start_server(model, threads, max_batch, lean, instances, repo)
+        self.proc, self.url = start_server(model, threads, max_batch, **options)
 
     def load(self, body: tuple[Path, int], rows: int, connections: int, seconds: float) -> dict:
         r = run_wrk(self.url, body, connections, seconds, self.proc.pid, self.model_name)

@@ -359,7 +359,7 @@ class App:
 
     def _classify(self, request: Request) -> None:
         contract = self._image_classifier
-        if contract is None or contract.image is None:
+        if contract is None:
             task = self.backend.contract.task if self.backend.contract else None
             what = f"a {task} model" if task else "a model without task metadata"
             return request.error(
