@@ -10,7 +10,7 @@ import numpy as np
 import typer
 
 from pipeline.artifacts import atomic_path, write_json
-from pipeline.dataset import DEFAULT_DIR, SPLITS, Meta
+from pipeline.dataset import DEFAULT_DIR, SPLITS, Meta, Split, save_split
 from pipeline.errors import StageError, exit_on_stage_error, run_command, step
 from pipeline.params import DataParams, as_dict, load_with_overrides
 from pipeline.sources import RawData, load_source
@@ -28,7 +28,7 @@ def prepare(params: DataParams, out: Path = DEFAULT_DIR) -> Meta:
     with step("write"), atomic_path(Path(out)) as tmp:
         tmp.mkdir()
         for name, (x, y) in splits.items():
-            np.savez(tmp / f"{name}.npz", x=x, y=y)
+            save_split(tmp / f"{name}.npz", Split(x, y))
         write_json(tmp / "meta.json", meta.to_json())
     return meta
 

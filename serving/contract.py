@@ -28,9 +28,10 @@ PROBABILITIES_NAME = "probabilities"
 # What a model does; the server offers task-specific routes (/v1/classify) only for the
 # task they fit.
 IMAGE_CLASSIFICATION = "image_classification"
+SEQUENCE_CLASSIFICATION = "sequence_classification"
 TASKS = (
     IMAGE_CLASSIFICATION,
-    "sequence_classification",
+    SEQUENCE_CLASSIFICATION,
     "tabular_classification",
     "regression",
     "none",
@@ -46,6 +47,9 @@ KEY_PRECISION = "tensorferry.precision"  # "fp32" | "fp16" | "int8"
 KEY_DATA_FINGERPRINT = "tensorferry.data_fingerprint"
 KEY_PARAMS_HASH = "tensorferry.params_hash"
 KEY_GIT_REVISION = "tensorferry.git_revision"  # "" when unknown
+# Text models: the Hugging Face tokenizers JSON (tokenizer.json) the ids come from, so the
+# model file alone is enough to classify raw text.
+KEY_TOKENIZER = "tensorferry.tokenizer"
 # Version 1's image keys, read only.
 V1_KEYS = (
     "tensorferry.input_name",
@@ -141,6 +145,84 @@ class ImagePreprocessing:
         )
 
 
+# The exported sequence models' inputs: HF-style token ids and mask, or raw series values.
+TEXT_IDS, TEXT_MASK = "input_ids", "attention_mask"
+SERIES_VALUES, SERIES_MASK = "series", "mask"
+SEQUENCE_KINDS = ("text", "series")
+
+
+@dataclass(frozen=True)
+class PaddedInput:
+    """An input with a sequence axis (batch included: [N, L] -> 1, [N, C, T] -> 2) that
+    is filled with ``pad_value`` past each row's length."""
+
+    name: str
+    axis: int
+    pad_value: float
+
+
+@dataclass(frozen=True)
+class SequencePreprocessing:
+    """How a sequence becomes the model's inputs: every ``padded`` input right-padded
+    along its axis, ``mask_input`` holding 1 for real steps and 0 for padding (int64).
+    The model's answer for a row does not depend on how far it is padded, so requests of
+    different lengths may share a batch padded to the longest.
+
+    Text: ``tokenizer`` (tokenizer.json) turns a string into ids, truncated to
+    ``max_length``. Series: the graph standardises each channel with ``mean``/``std``
+    itself (recorded for clients that want to know); values are sent raw.
+    """
+
+    kind: str  # one of SEQUENCE_KINDS
+    padded: tuple[PaddedInput, ...]
+    mask_input: str
+    min_length: int
+    max_length: int
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    tokenizer: str | None = None
+
+    def padded_input(self, name: str) -> PaddedInput | None:
+        return next((p for p in self.padded if p.name == name), None)
+
+    def to_json(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "inputs": {
+                p.name: {"sequence_axis": p.axis, "pad_value": p.pad_value} for p in self.padded
+            },
+            "mask": self.mask_input,
+            "min_length": self.min_length,
+            "max_length": self.max_length,
+        }
+        if self.kind == "series":
+            entry |= {"mean": list(self.mean), "std": list(self.std)}
+        return entry
+
+    @classmethod
+    def from_json(
+        cls, kind: str, entry: Mapping[str, Any], tokenizer: str | None
+    ) -> SequencePreprocessing:
+        padded = tuple(
+            PaddedInput(str(name), int(spec["sequence_axis"]), float(spec["pad_value"]))
+            for name, spec in entry["inputs"].items()
+        )
+        mask = str(entry["mask"])
+        if not any(p.name == mask for p in padded):
+            raise ValueError(f"mask input {mask!r} is not among the padded inputs")
+        if kind == "text" and tokenizer is None:
+            raise ValueError(f"a text model needs {KEY_TOKENIZER}")
+        return cls(
+            kind=kind,
+            padded=padded,
+            mask_input=mask,
+            min_length=int(entry["min_length"]),
+            max_length=int(entry["max_length"]),
+            mean=tuple(float(v) for v in entry.get("mean", ())),
+            std=tuple(float(v) for v in entry.get("std", ())),
+            tokenizer=tokenizer,
+        )
+
+
 @dataclass(frozen=True)
 class ModelContract:
     """Task metadata a tensorferry artifact carries beside its signature."""
@@ -149,6 +231,7 @@ class ModelContract:
     task: str = "none"
     class_names: tuple[str, ...] = ()
     image: ImagePreprocessing | None = None  # image models only
+    sequence: SequencePreprocessing | None = None  # text and series models only
     precision: str = ""
     data_fingerprint: str = ""
     params_hash: str = ""
@@ -158,26 +241,36 @@ class ModelContract:
         if self.task not in TASKS:
             raise ContractError(f"task {self.task!r} is not one of {', '.join(TASKS)}")
 
+    def preprocessing(self) -> dict[str, Any]:
+        """The preprocessing JSON object, keyed by kind ("image", "text" or "series")."""
+        if self.image:
+            return {"image": self.image.to_json()}
+        if self.sequence:
+            return {self.sequence.kind: self.sequence.to_json()}
+        return {}
+
     def to_metadata(self) -> dict[str, str]:
-        preprocessing = {"image": self.image.to_json()} if self.image else {}
-        return {
+        metadata = {
             KEY_CONTRACT_VERSION: str(CONTRACT_VERSION),
             KEY_MODEL_NAME: self.model_name,
             KEY_TASK: self.task,
             KEY_CLASS_NAMES: json.dumps(list(self.class_names)),
-            KEY_PREPROCESSING: json.dumps(preprocessing),
+            KEY_PREPROCESSING: json.dumps(self.preprocessing()),
             KEY_PRECISION: self.precision,
             KEY_DATA_FINGERPRINT: self.data_fingerprint,
             KEY_PARAMS_HASH: self.params_hash,
             KEY_GIT_REVISION: self.git_revision,
         }
+        if self.sequence and self.sequence.tokenizer is not None:
+            metadata[KEY_TOKENIZER] = self.sequence.tokenizer
+        return metadata
 
     def to_json(self) -> dict[str, Any]:
         return {
             "model_name": self.model_name,
             "task": self.task,
             "class_names": list(self.class_names),
-            "preprocessing": {"image": self.image.to_json()} if self.image else {},
+            "preprocessing": self.preprocessing(),
             "precision": self.precision,
         }
 
@@ -201,6 +294,7 @@ class ModelContract:
                 task=metadata[KEY_TASK],
                 class_names=_class_names(metadata),
                 image=None if image is None else ImagePreprocessing.from_json(image),
+                sequence=_sequence(preprocessing, metadata.get(KEY_TOKENIZER)),
                 **_provenance(metadata),
             )
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
@@ -212,6 +306,17 @@ def read_contract(metadata: Mapping[str, str], source: str) -> ModelContract | N
     if not any(key.startswith(PREFIX) for key in metadata):
         return None
     return ModelContract.from_metadata(metadata, source)
+
+
+def _sequence(
+    preprocessing: Mapping[str, Any], tokenizer: str | None
+) -> SequencePreprocessing | None:
+    kinds = [kind for kind in SEQUENCE_KINDS if kind in preprocessing]
+    if len(kinds) > 1:
+        raise ValueError(f"preprocessing names both {' and '.join(kinds)}")
+    if not kinds:
+        return None
+    return SequencePreprocessing.from_json(kinds[0], preprocessing[kinds[0]], tokenizer)
 
 
 def _require(metadata: Mapping[str, str], keys: tuple[str, ...], source: str) -> None:
@@ -275,9 +380,12 @@ def _from_v1(metadata: Mapping[str, str], source: str) -> ModelContract:
 def check_io(contract: ModelContract | None, signature: Signature, source: str) -> None:
     """The graph must take what the contract's preprocessing produces.
 
-    An image model's input is uint8 [N, C, H, W] with a dynamic batch; other contracts
-    constrain nothing the graph does not already say.
+    An image model's input is uint8 [N, C, H, W] with a dynamic batch; a sequence model
+    batches, and each padded input has a dynamic sequence axis; other contracts constrain
+    nothing the graph does not already say.
     """
+    if contract is not None and contract.sequence is not None:
+        _check_sequence_io(contract.sequence, signature, source)
     image = None if contract is None else contract.image
     if image is None:
         return
@@ -288,6 +396,19 @@ def check_io(contract: ModelContract | None, signature: Signature, source: str) 
             f"{source} inputs {got} do not match its metadata "
             f"({want.describe()} with a dynamic batch)"
         )
+
+
+def _check_sequence_io(sequence: SequencePreprocessing, signature: Signature, source: str) -> None:
+    for padded in sequence.padded:
+        spec = signature.input(padded.name)
+        if spec is None or len(spec.shape) <= padded.axis or spec.shape[padded.axis] != -1:
+            got = "no such input" if spec is None else spec.describe()
+            raise ContractError(
+                f"{source} metadata pads input {padded.name!r} along axis {padded.axis}, "
+                f"but the graph has {got} (the axis must be dynamic)"
+            )
+    if not signature.batching:
+        raise ContractError(f"{source} is a sequence model without a dynamic batch dim")
 
 
 # The engine sidecar (<engine file>.json) is a JSON object with these top-level keys:
