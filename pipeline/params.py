@@ -25,14 +25,20 @@ T = TypeVar("T")
 
 @dataclasses.dataclass(frozen=True)
 class DataParams:
-    source: Literal["digits", "cifar10", "imagefolder"] = "digits"
-    path: str | None = None  # archive (cifar10) or root directory (imagefolder)
+    source: Literal["digits", "cifar10", "imagefolder", "text", "series"] = "digits"
+    path: str | None = None  # archive (cifar10), root directory (imagefolder), file or folder
     image_size: int | None = None  # square resize; None keeps the source's own size
     channels: Literal[1, 3] | None = None  # None keeps the source's own channel count
     val_fraction: float = 0.1
     test_fraction: float = 0.2  # used only when the source has no test split
     max_per_class: int | None = None  # cap per class and split, for quick runs
     seed: int = 0
+    text_columns: tuple[str, ...] = ("text",)  # text: joined with " " (e.g. title, body)
+    label_column: str = "label"  # text: column (or JSON key) of the class name
+    vocab_size: int = 8000  # text: BPE vocabulary, [PAD] and [UNK] included
+    max_length: int = 64  # text: tokens per row; longer texts are truncated
+    lowercase: bool = True  # text: also strips accents
+    dataset: str | None = None  # series: a classification set bundled with aeon, e.g. GunPoint
 
 
 @dataclasses.dataclass(frozen=True)

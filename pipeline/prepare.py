@@ -1,4 +1,8 @@
-"""prepare stage: raw source -> stratified, seeded train/val/test uint8 arrays + meta.json."""
+"""prepare stage: raw source -> stratified, seeded train/val/test arrays + meta.json.
+
+Images become uint8 arrays; texts are tokenized and series padded only after the split,
+so the tokenizer never sees validation or test text.
+"""
 
 from __future__ import annotations
 
@@ -13,22 +17,32 @@ from pipeline.artifacts import atomic_path, write_json
 from pipeline.dataset import DEFAULT_DIR, SPLITS, Meta, Split, save_split
 from pipeline.errors import StageError, exit_on_stage_error, run_command, step
 from pipeline.params import DataParams, as_dict, load_with_overrides
-from pipeline.sources import RawData, load_source
+from pipeline.series_data import encode_series, load_series
+from pipeline.sources import Encoded, RawData, load_source
+from pipeline.text_data import encode_text, load_text
+
+Rows = dict[str, tuple[np.ndarray, np.ndarray]]  # split -> (x, y) before encoding
 
 
 def prepare(params: DataParams, out: Path = DEFAULT_DIR) -> Meta:
-    """Load the configured source, split it and write ``out`` atomically."""
+    """Load the configured source, split it, encode it and write ``out`` atomically."""
+    loaders = {"text": load_text, "series": load_series}
     with step("load source"):
-        raw = load_source(params)
+        raw = loaders.get(params.source, load_source)(params)
     with step("split"):
         splits = split_data(raw, params)
         splits = {n: _cap_per_class(x, y, params.max_per_class) for n, (x, y) in splits.items()}
         _check_every_class_present(splits, raw.class_names)
-        meta = _describe(splits, raw, params)
+    encoders = {"image": _encode_images, "text": encode_text, "series": encode_series}
+    with step("encode"):
+        encoded = encoders[raw.kind](splits, params)
+        meta = _describe(encoded, raw, params)
     with step("write"), atomic_path(Path(out)) as tmp:
         tmp.mkdir()
-        for name, (x, y) in splits.items():
-            save_split(tmp / f"{name}.npz", Split(x, y))
+        for name, split in encoded.splits.items():
+            save_split(tmp / f"{name}.npz", split)
+        for name, text in encoded.files.items():
+            (tmp / name).write_text(text)
         write_json(tmp / "meta.json", meta.to_json())
     return meta
 
@@ -59,7 +73,7 @@ def _stratified(
             x, y, test_size=fraction, stratify=y, random_state=seed
         )
     except ValueError as exc:
-        raise StageError(f"cannot split {len(y)} images stratified by class: {exc}") from None
+        raise StageError(f"cannot split {len(y)} examples stratified by class: {exc}") from None
     return (x_keep, y_keep), (x_held, y_held)
 
 
@@ -81,29 +95,51 @@ def _check_every_class_present(
                 raise StageError(f"class {class_name!r} is in train but not in {name}")
 
 
-def _describe(
-    splits: dict[str, tuple[np.ndarray, np.ndarray]], raw: RawData, params: DataParams
-) -> Meta:
-    class_names = raw.class_names
-    x_train = splits["train"][0]
-    scaled = x_train.astype(np.float64) / 255.0
+def _encode_images(splits: Rows, _: DataParams) -> Encoded:
+    scaled = splits["train"][0].astype(np.float64) / 255.0
     mean = scaled.mean(axis=(0, 2, 3))
     std = np.maximum(scaled.std(axis=(0, 2, 3)), 1e-6)  # a constant channel must not divide by 0
-    digest = hashlib.sha256(repr(class_names).encode())
-    for name in SPLITS:
-        x, y = splits[name]
-        digest.update(np.ascontiguousarray(x).tobytes())
-        digest.update(np.ascontiguousarray(y, dtype=np.int64).tobytes())
-    return Meta(
-        class_names=class_names,
-        input_shape=tuple(int(d) for d in x_train.shape[1:]),  # type: ignore[arg-type]
+    return Encoded(
+        {name: Split(x, y) for name, (x, y) in splits.items()},
         mean=tuple(round(float(m), 6) for m in mean),
         std=tuple(round(float(s), 6) for s in std),
-        split_sizes={name: int(len(splits[name][1])) for name in SPLITS},
+    )
+
+
+def _describe(encoded: Encoded, raw: RawData, params: DataParams) -> Meta:
+    splits = encoded.splits
+    # Images hash x and y only, as they always have: their fingerprints stay comparable.
+    digest = hashlib.sha256(repr(raw.class_names).encode())
+    for name in SPLITS:
+        split = splits[name]
+        digest.update(np.ascontiguousarray(split.x).tobytes())
+        digest.update(np.ascontiguousarray(split.y, dtype=np.int64).tobytes())
+        if split.lengths is not None:
+            digest.update(np.ascontiguousarray(split.lengths, dtype=np.int64).tobytes())
+    return Meta(
+        class_names=raw.class_names,
+        input_shape=tuple(int(d) for d in splits["train"].x.shape[1:]),
+        mean=encoded.mean,
+        std=encoded.std,
+        split_sizes={name: int(len(splits[name].y)) for name in SPLITS},
         fingerprint=digest.hexdigest(),
         source=as_dict(params),
-        conversions=raw.conversions,
+        conversions=raw.conversions + encoded.conversions,
+        kind=raw.kind,
+        vocab_size=encoded.vocab_size,
+        length_stats=_length_stats(splits),
     )
+
+
+def _length_stats(splits: dict[str, Split]) -> dict[str, int]:
+    if splits["train"].lengths is None:
+        return {}
+    lengths = np.concatenate([splits[name].lengths for name in SPLITS])  # type: ignore[misc]
+    return {
+        "min": int(lengths.min()),
+        "median": int(np.median(lengths)),
+        "max": int(lengths.max()),
+    }
 
 
 @exit_on_stage_error
@@ -120,13 +156,16 @@ def command(
         Path, typer.Option(help="Directory for {train,val,test}.npz and meta.json.")
     ] = DEFAULT_DIR,
 ) -> None:
-    """Prepare the data set: load the source, split it stratified, write uint8 arrays."""
+    """Prepare the data set: load the source, split it stratified, write its arrays."""
     params = load_with_overrides("data", DataParams, params_file)
     meta = prepare(params, out)
     for conversion in meta.conversions:
         typer.echo(f"{params.source}: {conversion}")
     sizes = ", ".join(f"{k} {v}" for k, v in meta.split_sizes.items())
     typer.echo(f"prepared {len(meta.class_names)} classes, shape {meta.input_shape}: {sizes}")
+    if meta.length_stats:
+        stats = ", ".join(f"{k} {v}" for k, v in meta.length_stats.items())
+        typer.echo(f"{meta.kind} lengths: {stats}")
 
 
 def main() -> None:

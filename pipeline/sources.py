@@ -1,7 +1,8 @@
-"""Data sources for the prepare stage: each returns uint8 NCHW images with class labels.
+"""Data sources for the prepare stage: the image ones return uint8 NCHW images with labels.
 
 A source yields either ready-made splits (``train``/``test``, sometimes ``val``) or one
-pool (``all``) that the prepare stage splits itself.
+pool (``all``) that the prepare stage splits itself. The sequence sources (text_data,
+series_data) yield object arrays of one row each, encoded only after the split.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import tarfile
 import urllib.request
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.dataset import Split
 from pipeline.errors import StageError
 from pipeline.params import DataParams
 
@@ -34,8 +36,22 @@ CIFAR10_CACHE = Path.home() / ".cache" / "tensorferry" / "cifar-10-python.tar.gz
 @dataclass(frozen=True)
 class RawData:
     class_names: tuple[str, ...]
-    splits: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (x uint8 NCHW, y int64)
-    conversions: tuple[str, ...] = ()  # what was done to the source's images, for the log
+    # name -> (x, y int64); x: uint8 NCHW images, or an object array of texts or series
+    splits: dict[str, tuple[np.ndarray, np.ndarray]]
+    conversions: tuple[str, ...] = ()  # what was done to the source's data, for the log
+    kind: str = "image"  # one of dataset.LAYOUTS
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Split rows in the prepared layout of their kind, with what meta.json says of them."""
+
+    splits: dict[str, Split]
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    vocab_size: int = 0
+    files: dict[str, str] = field(default_factory=dict)  # more files for the prepared dir
+    conversions: tuple[str, ...] = ()
 
 
 def load_source(params: DataParams) -> RawData:
@@ -166,7 +182,7 @@ def load_imagefolder(params: DataParams) -> RawData:
     if "train" in split_dirs and "test" not in split_dirs:
         raise StageError(f"{root} has a train/ folder but no test/ folder")
     split_dirs = split_dirs or {"all": root}
-    class_names = _class_names(split_dirs)
+    class_names = folder_class_names(split_dirs)
     decoder = _ImageDecoder(params.channels, params.image_size)
     splits = {
         split: _read_class_folders(folder, class_names, decoder)
@@ -175,7 +191,7 @@ def load_imagefolder(params: DataParams) -> RawData:
     return RawData(class_names, splits, decoder.conversions())
 
 
-def _class_names(split_dirs: dict[str, Path]) -> tuple[str, ...]:
+def folder_class_names(split_dirs: dict[str, Path]) -> tuple[str, ...]:
     per_split = {
         split: sorted(p.name for p in folder.iterdir() if p.is_dir())
         for split, folder in split_dirs.items()
