@@ -71,10 +71,15 @@ def _read_rows(path: Path, params: DataParams) -> Iterator[tuple[str, str, str]]
             if missing:
                 known = ", ".join(str(k) for k in row)
                 raise StageError(f"{where}: no column {missing[0]!r} (columns: {known})")
-            text = " ".join(str(row[c]).strip() for c in params.text_columns).strip()
-            yield where, text, str(row[params.label_column]).strip()
+            text = " ".join(_field(row[c]) for c in params.text_columns).strip()
+            yield where, text, _field(row[params.label_column])
     except UnicodeDecodeError as exc:
         raise StageError(f"{path} is not UTF-8 text: {exc}") from None
+
+
+def _field(value: object) -> str:
+    # A JSON null is no text, not the text "None"; a number label is its digits.
+    return "" if value is None else str(value).strip()
 
 
 def _delimited_rows(path: Path) -> Iterator[tuple[str, dict]]:
@@ -82,7 +87,9 @@ def _delimited_rows(path: Path) -> Iterator[tuple[str, dict]]:
     # A .tsv field is never quoted (IANA text/tab-separated-values): an SMS that opens
     # with a quote mark is text, not the start of a quoted field.
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    with open(path, encoding="utf-8", newline="") as fh:
+    # utf-8-sig: spreadsheet exports open with a byte-order mark, which would otherwise
+    # become part of the first column's name.
+    with open(path, encoding="utf-8-sig", newline="") as fh:
         reader = csv.reader(fh, delimiter=delimiter, quoting=quoting)
         header = next(reader, None)
         if header is None:
@@ -96,7 +103,7 @@ def _delimited_rows(path: Path) -> Iterator[tuple[str, dict]]:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8-sig") as fh:
         for number, line in enumerate(fh, start=1):
             where = f"{path}:{number}"
             if not line.strip():

@@ -174,6 +174,17 @@ def test_lowercase_off_keeps_case(tmp_path):
     assert tokenizer.encode("FREE").ids != tokenizer.encode("free").ids
 
 
+def test_byte_order_mark_and_crlf_are_read(tmp_path):
+    path = tmp_path / "sms.tsv"
+    body = "".join(f"{label}\t{text}\r\n" for label, text in rows(10))
+    path.write_bytes(("\ufeffLabel\tSMS\r\n" + body).encode())
+    out = tmp_path / "out"
+    prepare(sms_params(path), out)
+    from tokenizers import Tokenizer
+
+    assert not any("\r" in t for t in Tokenizer.from_file(str(out / TOKENIZER_FILE)).get_vocab())
+
+
 def test_max_per_class_caps_text(tmp_path):
     path = write_tsv(tmp_path / "sms.tsv", rows(20))
     meta = prepare(sms_params(path, max_per_class=2), tmp_path / "out")
@@ -203,12 +214,21 @@ def test_bad_tsv(tmp_path, content, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_text_that_normalizes_to_nothing(tmp_path):
+    pairs = rows(10)
+    pairs[3] = ("ham", "\u0301")  # a lone combining accent: stripped with the accents
+    path = write_tsv(tmp_path / "sms.tsv", pairs)
+    with pytest.raises(StageError, match=r"text '\u0301' tokenizes to no tokens"):
+        prepare(sms_params(path), tmp_path / "out")
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [
         ('{"label": "ham"}', r"news.jsonl:2: no column 'text' \(columns: label\)"),
         ("[1, 2]", r"news.jsonl:2: expected a JSON object, got list"),
         ("{oops", r"news.jsonl:2: not JSON"),
+        ('{"text": null, "label": "ham"}', r"news.jsonl:2: empty text in text"),
     ],
 )
 def test_bad_jsonl(tmp_path, line, message):
