@@ -60,7 +60,8 @@ def test_bad_params_give_one_line_and_exit_1(tmp_path):
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "error: params: data.source must be one of 'digits', 'cifar10', 'imagefolder', got 'mnist'"
+        "error: params: data.source must be one of 'digits', 'cifar10', 'imagefolder', 'text', "
+        "'series', got 'mnist'"
     ]
     assert not out.exists()
 
