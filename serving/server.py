@@ -29,6 +29,7 @@ from serving.http import HttpConnection, expire_idle
 from serving.metrics import Metrics
 from serving.protocol import DATATYPES
 from serving.scheduler import Scheduler
+from serving.sequence import SequenceInputs, TextEncoder, sequence_inputs
 
 log = logging.getLogger("serving")
 
@@ -73,6 +74,34 @@ def warm(backend: Backend, sizes: list[int], flush_denormals: bool = False) -> N
                     raise
                 log.warning("warm-up with zeros failed (%s); serving without it", exc)
                 return
+
+
+def sequence_rules(
+    config: ServerConfig, backend: Backend
+) -> tuple[SequenceInputs | None, TextEncoder | None]:
+    """A sequence model's request rules, and its tokenizer when it is a text model whose
+    inputs are its ids and mask (so /v1/classify can build them); EngineError if the
+    tokenizer the artifact carries does not load."""
+    contract = backend.contract
+    sequence = None if contract is None else contract.sequence
+    text = None
+    if sequence is not None and sequence.kind == "text":
+        try:
+            text = TextEncoder(sequence)
+        except ImportError:
+            raise EngineError(
+                f"{config.engine} is a text model: serving it needs the tokenizers package "
+                "(pip install -e '.[serve]')"
+            ) from None
+        except Exception as exc:  # the tokenizers package raises plain Exceptions
+            raise EngineError(
+                f"{config.engine} carries a tokenizer that does not load: {exc}"
+            ) from None
+        names = {s.name for s in backend.signature.inputs}
+        if names != {p.name for p in sequence.padded}:
+            text = None  # inputs beyond ids and mask: raw text cannot fill them
+    vocab = None if text is None else text.vocab
+    return sequence_inputs(backend.signature, contract, config.sequence_batching, vocab), text
 
 
 def instance_threads(config: ServerConfig) -> int:
@@ -150,9 +179,18 @@ async def run_server(config: ServerConfig, backends: list[Backend], started: flo
     # A model without a batch dim runs each request alone: a batch is one request.
     rows = config.max_batch_size if backend.signature.batching else 1
     batches = BatchQueue(rows, config.max_queue_delay_us / 1e6, config.max_queue_size)
-    scheduler = Scheduler(backends, batches, metrics, loop, flush, backend.signature.batching)
     try:
-        drained = await _serve(App(config, backend, scheduler, metrics), backends, started)
+        rules, text = sequence_rules(config, backend)
+    except EngineError:
+        close_all(backends)
+        raise
+    padding = rules.padding if rules is not None and rules.pad else None
+    scheduler = Scheduler(
+        backends, batches, metrics, loop, flush, backend.signature.batching, padding
+    )
+    try:
+        app = App(config, backend, scheduler, metrics, rules, text)
+        drained = await _serve(app, backends, started)
     finally:
         release(scheduler, backends)
     log.info("stopped" if drained else "grace period ran out with requests unanswered")
