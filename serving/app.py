@@ -224,7 +224,8 @@ class App:
             }
         metadata = contract.to_metadata() if contract else {}
         if self._sequence is not None:  # not Triton's "sequence_batching" (stateful models)
-            metadata["tensorferry.batching"] = "pad" if self._sequence.pad else "equal"
+            policy = "equal" if not self._sequence.pad else self.config.sequence_batching
+            metadata["tensorferry.batching"] = policy
         config["parameters"] = {k: {"string_value": v} for k, v in metadata.items()}
         return config
 

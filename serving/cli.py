@@ -15,6 +15,7 @@ from serving.config import PUBLIC_ROUTES, ServerConfig
 
 class SequenceBatching(str, Enum):
     pad = "pad"
+    bucket = "bucket"
     equal = "equal"
 
 
@@ -176,10 +177,11 @@ def serve_command(
         typer.Option(
             help="Sequence models (padded inputs in their contract): 'pad' lets requests of "
             "different lengths share a batch, each padded to the batch's longest (answers "
-            "unchanged); 'equal' merges equal shapes only (Triton's rule).",
+            "unchanged); 'bucket' the same within power-of-two length classes (1, 2, 3-4, "
+            "5-8, ...); 'equal' merges equal shapes only (Triton's rule).",
             envvar=_env("SEQUENCE_BATCHING"),
         ),
-    ] = SequenceBatching.pad,
+    ] = SequenceBatching.bucket,
     log_level: Annotated[
         str, typer.Option(help="Python logging level.", envvar=_env("LOG_LEVEL"))
     ] = "INFO",

@@ -8,8 +8,9 @@ from pathlib import Path
 
 PROVIDERS = ("cpu", "cuda", "tensorrt")
 # How requests of a sequence model (padded inputs in its contract) batch: "pad" merges
-# different lengths, padded to the longest in the batch; "equal" only equal shapes (Triton).
-SEQUENCE_BATCHING = ("pad", "equal")
+# different lengths, padded to the longest in the batch; "bucket" the same within
+# power-of-two length classes; "equal" only equal shapes (Triton's rule).
+SEQUENCE_BATCHING = ("pad", "bucket", "equal")
 # Routes a load balancer or Prometheus must reach without the API key.
 PUBLIC_ROUTES = ("/v2/health/live", "/v2/health/ready", "/metrics")
 # Model names appear in URLs and metric labels; nothing maps them to files, and this keeps
@@ -42,7 +43,7 @@ class ServerConfig:
     # Bearer token required on every route except public_routes; kept out of repr and logs.
     api_key: str | None = field(default=None, repr=False)
     public_routes: tuple[str, ...] = PUBLIC_ROUTES
-    sequence_batching: str = "pad"  # one of SEQUENCE_BATCHING
+    sequence_batching: str = "bucket"  # one of SEQUENCE_BATCHING
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:

@@ -48,7 +48,14 @@ def _server(model: Path, *args: str, env: dict | None = None) -> ServerProcess:
 
 @pytest.fixture(scope="module")
 def text_server(text_model: Path) -> Iterator[ServerProcess]:
-    server = _server(text_model)
+    server = _server(text_model, "--sequence-batching", "pad")
+    yield server
+    assert server.terminate() == 0, "\n".join(server.log)
+
+
+@pytest.fixture(scope="module")
+def bucket_server(text_model: Path) -> Iterator[ServerProcess]:
+    server = _server(text_model)  # the default policy
     yield server
     assert server.terminate() == 0, "\n".join(server.log)
 
@@ -138,17 +145,22 @@ def pipelined(server: ServerProcess, model: str, requests: list[dict]) -> list:
     return results
 
 
+@pytest.mark.parametrize(("policy", "most_runs"), [("pad", 6), ("bucket", 12)])
 def test_mixed_lengths_share_batches_and_answer_as_alone(
-    text_server: ServerProcess, text_model: Path
+    request: pytest.FixtureRequest, text_model: Path, policy: str, most_runs: int
 ) -> None:
+    server = request.getfixturevalue("text_server" if policy == "pad" else "bucket_server")
+    config = json.loads(fetch(server, "/v2/models/sms/config")[2])
+    assert config["parameters"]["tensorferry.batching"]["string_value"] == policy
     lengths = [1, 3, 32, 5, 2, 17, 9, 4, 30, 1, 6, 12, 8, 2, 25, 3, 11, 7, 4, 19, 2, 1, 14, 5]
     requests = [ids_and_mask(n, rows=1 + i % 2, seed=i) for i, n in enumerate(lengths)]
-    rows_before, runs_before = batches(text_server)
-    results = pipelined(text_server, "sms", requests)
-    rows, runs = batches(text_server)
-    # 36 rows of 24 lengths in 16-row batches: 3 runs (4 at most if the first read ends
-    # early); one run per length (>= 20) without pad-merge.
-    assert rows - rows_before == 36 and runs - runs_before <= 6, runs - runs_before
+    rows_before, runs_before = batches(server)
+    results = pipelined(server, "sms", requests)
+    rows, runs = batches(server)
+    # 36 rows of 20 distinct lengths in 16-row batches. pad: 3 runs (a few more if the
+    # first read ends early); bucket: one or two per length class (7 classes); equal
+    # shapes only would take a run per length (20).
+    assert rows - rows_before == 36 and runs - runs_before <= most_runs, runs - runs_before
     for request, result in zip(requests, results, strict=True):
         alone = direct(text_model, request)
         got = result.as_numpy("probabilities")
@@ -333,3 +345,22 @@ def test_classify_on_a_series_model_is_404(series_server: ServerProcess) -> None
     assert status == 404
     assert "series sequence_classification" in answer["error"]
     assert "/v2/models/sensor/infer" in answer["error"]
+
+
+def test_a_tokenizer_that_does_not_load_stops_start_up(tmp_path: Path, text_model: Path) -> None:
+    import onnx
+
+    from serving.cli import app
+    from serving.contract import KEY_TOKENIZER
+
+    model = onnx.load(str(text_model))
+    for prop in model.metadata_props:
+        if prop.key == KEY_TOKENIZER:
+            prop.value = '{"not": "a tokenizer"}'
+    broken = tmp_path / "broken.onnx"
+    onnx.save(model, str(broken))
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, ["--engine", str(broken), "--port", "0"])
+    assert result.exit_code == 2
+    assert "carries a tokenizer that does not load" in result.output, result.output

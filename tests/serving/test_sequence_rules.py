@@ -75,3 +75,46 @@ def test_text_bodies() -> None:
     assert texts(b'{"texts": ["a", "b"]}', "application/json", 4) == (["a", "b"], True)
     with pytest.raises(ProtocolError, match="at most 1"):
         texts(b'{"texts": ["a", "b"]}', "application/json; charset=utf-8", 1)
+
+
+def test_bucket_groups_merge_lengths_within_a_power_of_two_class(text) -> None:
+    rules = sequence_inputs(TEXT, text, "bucket", vocab=100)
+    assert rules is not None and rules.pad and rules.buckets
+
+    def group(length: int) -> tuple:
+        ids = np.zeros((1, length), np.int64)
+        return rules.group([ids, ids])
+
+    assert group(5) == group(8) != group(9) == group(16) != group(17)
+    assert group(1) != group(2) != group(3) == group(4)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        ([], {}, "bucket"),
+        (["--sequence-batching", "pad"], {}, "pad"),
+        ([], {"TENSORFERRY_SEQUENCE_BATCHING": "equal"}, "equal"),
+    ],
+    ids=["default", "flag", "env"],
+)
+def test_sequence_batching_from_flag_or_env_var(
+    monkeypatch: pytest.MonkeyPatch, args: list[str], env: dict, expected: str
+) -> None:
+    from typer.main import get_command
+
+    from serving.cli import app
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    context = get_command(app).make_context("serve", ["--engine", "m.onnx", *args])
+    assert context.params["sequence_batching"].value == expected
+
+
+def test_an_unknown_policy_is_refused() -> None:
+    from pathlib import Path
+
+    from serving.config import ServerConfig
+
+    with pytest.raises(ValueError, match="sequence_batching must be one of pad, bucket, equal"):
+        ServerConfig(engine=Path("m.onnx"), sequence_batching="longest")
