@@ -439,6 +439,9 @@ class App:
             encoded = self._text.encode(texts)
         except ProtocolError as exc:
             return self._bad_request(request, exc)
+        except Exception:
+            self.state.inflight -= 1  # drain waits for this count; serving.http answers 500
+            raise
         inputs = {s.name: encoded[s.name] for s in self.signature.inputs}
 
         def done(outputs: dict[str, np.ndarray] | None, error: Exception | None) -> None:
