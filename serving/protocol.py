@@ -15,14 +15,11 @@ from __future__ import annotations
 import json
 import math
 import struct
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
 from serving.contract import Signature, TensorSpec
-
-if TYPE_CHECKING:  # serving.sequence raises this module's ProtocolError
-    from serving.sequence import SequenceInputs
 
 # OIP datatype -> little-endian numpy dtype. BYTES elements have no fixed width: decoded,
 # they are an object array of str, which is what onnxruntime's string tensors take (it
@@ -50,6 +47,14 @@ _LENGTH = struct.Struct("<I")  # the 4-byte length before each binary BYTES elem
 
 class ProtocolError(ValueError):
     """The request is malformed; answered 400 with this message."""
+
+
+class SequenceRules(Protocol):
+    """A sequence model's extra request checks and batch groups (serving.sequence)."""
+
+    def check(self, inputs: dict[str, np.ndarray]) -> None: ...
+
+    def group(self, arrays: list[np.ndarray]) -> tuple: ...
 
 
 class RequestedOutput(NamedTuple):
@@ -394,7 +399,7 @@ def _decode(
     header_length: int | None,
     signature: Signature,
     max_batch: int,
-    sequence: SequenceInputs | None = None,
+    sequence: SequenceRules | None = None,
 ) -> tuple[InferRequest, _Layout | None]:
     if header_length == 0:
         return _raw_input(body, signature), None
@@ -422,7 +427,7 @@ def decode_infer(
     header_length: int | None,
     signature: Signature,
     max_batch: int,
-    sequence: SequenceInputs | None = None,
+    sequence: SequenceRules | None = None,
 ) -> InferRequest:
     """Parse and validate an infer body against the model's signature.
 
@@ -564,7 +569,7 @@ class InferCodec:
         signature: Signature,
         max_batch: int,
         class_names: tuple[str, ...] = (),
-        sequence: SequenceInputs | None = None,
+        sequence: SequenceRules | None = None,
     ) -> None:
         self.model_name = model_name
         self.signature = signature
