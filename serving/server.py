@@ -44,13 +44,18 @@ def warmup_sizes(max_batch_size: int) -> list[int]:
     return list(dict.fromkeys(sizes))
 
 
-def dummy_inputs(signature: Signature, rows: int) -> dict[str, np.ndarray]:
-    """Zeros (empty strings for BYTES) for every input, ``rows`` rows, other dynamic dims 1."""
+def dummy_inputs(
+    signature: Signature, rows: int, padded: dict[str, int] | None = None, length: int = 1
+) -> dict[str, np.ndarray]:
+    """Zeros (empty strings for BYTES) for every input, ``rows`` rows, other dynamic dims 1,
+    but ``length`` along the sequence axis of each ``padded`` input (name -> axis)."""
     inputs = {}
     for spec in signature.inputs:
         dims = [1 if d == -1 else d for d in spec.shape]
         if signature.batching:
             dims[0] = rows
+        if padded and spec.name in padded:
+            dims[padded[spec.name]] = length
         if spec.datatype == "BYTES":
             inputs[spec.name] = np.full(dims, "", dtype=object)
         else:
@@ -63,12 +68,19 @@ def warm(backend: Backend, sizes: list[int], flush_denormals: bool = False) -> N
 
     Zeros are valid input to a tensorferry model; a model brought as is may refuse them
     (a shape its graph can't take, ids it checks), which says nothing about real requests.
+    A sequence model runs each size at its contract's shortest and longest length: a
+    TensorRT profile may start above 1, and the TensorRT EP widens its profile to the
+    shapes it has seen.
     """
     sizes = sizes if backend.signature.batching else [1]
+    sequence = backend.contract.sequence if backend.contract else None
+    padded = {p.name: p.axis for p in sequence.padded} if sequence else None
+    lengths = [max(1, sequence.min_length), sequence.max_length] if sequence else [1]
+    shapes = [(size, length) for size in sizes for length in dict.fromkeys(lengths)]
     with denormals.flushed(flush_denormals):  # an executor thread: as the workers will run
-        for size in sizes:
+        for size, length in shapes:
             try:
-                backend.run(dummy_inputs(backend.signature, size))
+                backend.run(dummy_inputs(backend.signature, size, padded, length))
             except Exception as exc:
                 if backend.contract is not None:
                     raise

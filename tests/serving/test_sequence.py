@@ -364,3 +364,23 @@ def test_a_tokenizer_that_does_not_load_stops_start_up(tmp_path: Path, text_mode
     result = CliRunner().invoke(app, ["--engine", str(broken), "--port", "0"])
     assert result.exit_code == 2
     assert "carries a tokenizer that does not load" in result.output, result.output
+
+
+def test_warm_up_runs_each_batch_size_at_the_shortest_and_longest_length(
+    text_model: Path,
+) -> None:
+    from serving.backends import load_onnxruntime
+    from serving.server import warm
+
+    backend = load_onnxruntime(text_model, threads=1)
+    seen: list[tuple] = []
+    run = backend.run
+
+    def recorded(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        seen.append((inputs["input_ids"].shape, inputs["attention_mask"].shape))
+        return run(inputs)
+
+    backend.run = recorded  # type: ignore[method-assign]
+    warm(backend, [1, 4])
+    shapes = [(1, 1), (1, 32), (4, 1), (4, 32)]
+    assert seen == [(shape, shape) for shape in shapes]
