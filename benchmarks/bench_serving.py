@@ -127,7 +127,7 @@ def save_classifier(path: Path, name: str, shape: tuple[int, ...], nodes, inits)
         IMAGE_CLASSIFICATION,
         tuple(f"class_{i}" for i in range(10)),
         ImagePreprocessing("images", "NCHW", shape, "uint8", (0.0, 255.0)),  # type: ignore[arg-type]
-        "fp32",
+        precision="fp32",
     )
     helper.set_model_props(model, contract.to_metadata())
     onnx.save(model, path)

@@ -20,11 +20,12 @@ from urllib.parse import unquote
 
 import numpy as np
 
-from serving import classify, openapi
+from serving import classify, openapi, sequence
 from serving.backends import Backend
 from serving.config import MODEL_NAME, ServerConfig
 from serving.contract import (
     IMAGE_CLASSIFICATION,
+    SEQUENCE_CLASSIFICATION,
     ImagePreprocessing,
     ModelContract,
     TensorSpec,
@@ -33,6 +34,7 @@ from serving.http import Request
 from serving.metrics import CONTENT_TYPE, Metrics
 from serving.protocol import InferCodec, InferRequest, ProtocolError, batch_group
 from serving.scheduler import BackendFailure, QueueTimeout, Scheduler
+from serving.sequence import SequenceInputs, TextEncoder
 
 
 def _version() -> str:
@@ -86,8 +88,16 @@ class State:
 
 class App:
     def __init__(
-        self, config: ServerConfig, backend: Backend, scheduler: Scheduler, metrics: Metrics
+        self,
+        config: ServerConfig,
+        backend: Backend,
+        scheduler: Scheduler,
+        metrics: Metrics,
+        sequence: SequenceInputs | None = None,
+        text: TextEncoder | None = None,
     ) -> None:
+        """``sequence``: a sequence model's request rules and batch groups; ``text``: the
+        tokenizer of a text model (``serving.server.sequence_rules`` builds both)."""
         self.config = config
         self.backend = backend
         self.scheduler = scheduler
@@ -99,7 +109,8 @@ class App:
         self.max_batch_size = config.max_batch_size if signature.batching else 0
         contract = backend.contract
         class_names = contract.class_names if contract else ()
-        self._codec = InferCodec(self.name, signature, config.max_batch_size, class_names)
+        self._sequence, self._text = sequence, text
+        self._codec = InferCodec(self.name, signature, config.max_batch_size, class_names, sequence)
         self._version = _version()
         self._api_key = None if config.api_key is None else config.api_key.encode()
         self._public = set(config.public_routes)
@@ -167,7 +178,8 @@ class App:
             self._version,
             self.signature,
             self.config.max_batch_size,
-            classify=self._image_classifier is not None,
+            classify=self._classify_kind,
+            max_texts=self.config.max_batch_size,
         )
 
     def _model_metadata(self) -> dict[str, Any]:
@@ -211,6 +223,9 @@ class App:
                 },
             }
         metadata = contract.to_metadata() if contract else {}
+        if self._sequence is not None:  # not Triton's "sequence_batching" (stateful models)
+            policy = "equal" if not self._sequence.pad else self.config.sequence_batching
+            metadata["tensorferry.batching"] = policy
         config["parameters"] = {k: {"string_value": v} for k, v in metadata.items()}
         return config
 
@@ -287,6 +302,8 @@ class App:
         try:
             body = _decoded_body(request, self.config.max_request_bytes)
             parsed = self._codec.decode(body, _header_length(request))
+            if self._sequence is not None:
+                self._sequence.check_values(parsed.inputs)
         except ProtocolError as exc:
             return self._bad_request(request, exc)
         except Exception:
@@ -350,23 +367,30 @@ class App:
 
     # classify
     @property
-    def _image_classifier(self) -> ModelContract | None:
-        """The contract, if the model is an image classifier /v1/classify can feed."""
+    def _classify_kind(self) -> str | None:
+        """What /v1/classify takes for this model: "image", "text" or None (not offered)."""
         contract = self.backend.contract
         if contract and contract.image and contract.task == IMAGE_CLASSIFICATION:
-            return contract
+            return "image"
+        if contract and self._text is not None and contract.task == SEQUENCE_CLASSIFICATION:
+            return "text"
         return None
 
     def _classify(self, request: Request) -> None:
-        contract = self._image_classifier
-        if contract is None:
-            task = self.backend.contract.task if self.backend.contract else None
+        kind, contract = self._classify_kind, self.backend.contract
+        if kind is None or contract is None:
+            task = contract.task if contract else None
+            if contract and contract.sequence:
+                task = f"{contract.sequence.kind} {task}"
             what = f"a {task} model" if task else "a model without task metadata"
             return request.error(
                 404,
-                f"/v1/classify serves image classifiers; model '{self.name}' is {what}: "
-                f"use POST /v2/models/{self.name}/infer",
+                f"/v1/classify serves image and text classifiers; model '{self.name}' is "
+                f"{what}: use POST /v2/models/{self.name}/infer",
             )
+        if kind == "text":
+            return self._classify_text(request, contract)
+        assert contract.image is not None
         if self._admit(request):
             asyncio.get_running_loop().create_task(
                 self._classify_async(request, contract, contract.image)
@@ -396,9 +420,44 @@ class App:
             return
         outputs, error = await answered
         if outputs is not None:
-            ranked = classify.top_k(classify.probabilities(outputs), contract.class_names, k)
+            ranked = classify.top_k(classify.probabilities(outputs)[0], contract.class_names, k)
             request.respond_json(200, {"model_name": self.name, "predictions": ranked})
         self._finish(request, error, start)
+
+    def _classify_text(self, request: Request, contract: ModelContract) -> None:
+        """Tokenised here, on the event loop (tens of µs a text; an executor hop costs
+        more), and queued as one request of a row per text, padded to its longest."""
+        if not self._admit(request):
+            return
+        assert self._text is not None and self._sequence is not None
+        start = perf_counter()
+        try:
+            k = classify.parse_top_k(request.query, len(contract.class_names))
+            body = _decoded_body(request, self.config.max_request_bytes)
+            content_type = request.headers.get("content-type", "")
+            texts, many = sequence.texts(body, content_type, self.config.max_batch_size)
+            encoded = self._text.encode(texts)
+        except ProtocolError as exc:
+            return self._bad_request(request, exc)
+        except Exception:
+            self.state.inflight -= 1  # drain waits for this count; serving.http answers 500
+            raise
+        inputs = {s.name: encoded[s.name] for s in self.signature.inputs}
+
+        def done(outputs: dict[str, np.ndarray] | None, error: Exception | None) -> None:
+            if outputs is not None:
+                probs = classify.probabilities(outputs)
+                ranked = [classify.top_k(row, contract.class_names, k) for row in probs]
+                answer: dict[str, Any] = {"model_name": self.name}
+                if many:
+                    answer["results"] = [{"predictions": r} for r in ranked]
+                else:
+                    answer["predictions"] = ranked[0]
+                request.respond_json(200, answer)
+            self._finish(request, error, start)
+
+        group = self._sequence.group(list(inputs.values()))
+        self._submit(request, inputs, len(texts), group, done, None)
 
 
 def _header_length(request: Request) -> int | None:

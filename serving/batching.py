@@ -216,3 +216,23 @@ def split(outputs: dict[str, np.ndarray], rows: list[int]) -> list[dict[str, np.
         {name: array[end - n : end] for name, array in outputs.items()}
         for n, end in zip(rows, ends, strict=True)
     ]
+
+
+def pad_merge(arrays: list[np.ndarray], axis: int, pad_value: float) -> np.ndarray:
+    """One batch from requests' arrays that differ in length along ``axis``: each request's
+    rows right-padded with ``pad_value`` to the longest (``merge`` when all are as long)."""
+    longest = max(a.shape[axis] for a in arrays)
+    if all(a.shape[axis] == longest for a in arrays):
+        return merge(arrays)
+    first = arrays[0]
+    shape = list(first.shape)
+    shape[0], shape[axis] = sum(len(a) for a in arrays), longest
+    batch = np.full(shape, pad_value, first.dtype)
+    index: list[slice] = [slice(None)] * first.ndim
+    start = 0
+    for array in arrays:
+        index[0] = slice(start, start + len(array))
+        index[axis] = slice(0, array.shape[axis])
+        batch[tuple(index)] = array
+        start += len(array)
+    return batch

@@ -1,4 +1,5 @@
-"""``POST /v1/classify``: an image file in, the model's top-k class names out.
+"""``POST /v1/classify``: an image file in, the model's top-k class names out (raw text
+for a text model: serving/sequence.py).
 
 Preprocessing is what the contract records: resize to the input H, W and convert to its
 channel count. Normalisation is inside the graph, so the model gets uint8 pixels.
@@ -69,11 +70,12 @@ def preprocess(data: bytes, image: ImagePreprocessing) -> np.ndarray:
 
 
 def probabilities(outputs: dict[str, np.ndarray]) -> np.ndarray:
+    """[rows, classes]: the model's probabilities, else the softmax of its logits."""
     if "probabilities" in outputs:
-        return outputs["probabilities"][0]
-    logits = outputs["logits"][0].astype(np.float64)
-    exp = np.exp(logits - logits.max())
-    return exp / exp.sum()
+        return outputs["probabilities"]
+    logits = outputs["logits"].astype(np.float64)
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
 
 
 def top_k(probs: np.ndarray, class_names: tuple[str, ...], k: int) -> list[dict[str, Any]]:

@@ -13,6 +13,12 @@ from serving.compat import EngineError
 from serving.config import PUBLIC_ROUTES, ServerConfig
 
 
+class SequenceBatching(str, Enum):
+    pad = "pad"
+    bucket = "bucket"
+    equal = "equal"
+
+
 class Provider(str, Enum):  # not StrEnum: JetPack 6 ships Python 3.10
     cpu = "cpu"
     cuda = "cuda"
@@ -166,6 +172,16 @@ def serve_command(
             help="Comma-separated paths that need no API key.", envvar=_env("PUBLIC_ROUTES")
         ),
     ] = ",".join(PUBLIC_ROUTES),
+    sequence_batching: Annotated[
+        SequenceBatching,
+        typer.Option(
+            help="Sequence models (padded inputs in their contract): 'pad' lets requests of "
+            "different lengths share a batch, each padded to the batch's longest (answers "
+            "unchanged); 'bucket' the same within power-of-two length classes (1, 2, 3-4, "
+            "5-8, ...); 'equal' merges equal shapes only (Triton's rule).",
+            envvar=_env("SEQUENCE_BATCHING"),
+        ),
+    ] = SequenceBatching.bucket,
     log_level: Annotated[
         str, typer.Option(help="Python logging level.", envvar=_env("LOG_LEVEL"))
     ] = "INFO",
@@ -185,6 +201,7 @@ def serve_command(
             trt_cache_dir=trt_cache_dir,
             max_header_bytes=int(max_header_kb * 1024), idle_timeout_s=idle_timeout_s,
             api_key=api_key, public_routes=_routes(public_routes),
+            sequence_batching=sequence_batching.value,
         )  # fmt: skip
         from serving.server import serve
 

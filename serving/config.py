@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PROVIDERS = ("cpu", "cuda", "tensorrt")
+# How requests of a sequence model (padded inputs in its contract) batch: "pad" merges
+# different lengths, padded to the longest in the batch; "bucket" the same within
+# power-of-two length classes; "equal" only equal shapes (Triton's rule).
+SEQUENCE_BATCHING = ("pad", "bucket", "equal")
 # Routes a load balancer or Prometheus must reach without the API key.
 PUBLIC_ROUTES = ("/v2/health/live", "/v2/health/ready", "/metrics")
 # Model names appear in URLs and metric labels; nothing maps them to files, and this keeps
@@ -39,10 +43,16 @@ class ServerConfig:
     # Bearer token required on every route except public_routes; kept out of repr and logs.
     api_key: str | None = field(default=None, repr=False)
     public_routes: tuple[str, ...] = PUBLIC_ROUTES
+    sequence_batching: str = "bucket"  # one of SEQUENCE_BATCHING
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
             raise ValueError(f"provider must be one of {', '.join(PROVIDERS)}, not {self.provider}")
+        if self.sequence_batching not in SEQUENCE_BATCHING:
+            raise ValueError(
+                f"sequence_batching must be one of {', '.join(SEQUENCE_BATCHING)}, "
+                f"not {self.sequence_batching}"
+            )
         if self.model_name is not None and not MODEL_NAME.fullmatch(self.model_name):
             raise ValueError(
                 f"model name {self.model_name!r} must be 1-128 letters, digits, '_', '.' or '-', "

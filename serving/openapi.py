@@ -200,24 +200,42 @@ def _infer(signature: Signature, max_batch: int, *params: dict[str, Any]) -> dic
     }
 
 
-def _classify() -> dict[str, Any]:
+def _classify(kind: str, max_texts: int) -> dict[str, Any]:
     top_k = {"name": "top_k", "in": "query", "schema": {"type": "integer", "minimum": 1}}
-    image = {"schema": {"type": "string", "format": "binary"}}
+    if kind == "text":
+        summary = "Classify raw text: one text, or a list of up to the max batch size"
+        text = {"type": "string", "minLength": 1}
+        one = {"type": "object", "required": ["text"], "properties": {"text": text}}
+        texts = {"type": "array", "items": text, "minItems": 1, "maxItems": max_texts}
+        many = {"type": "object", "required": ["texts"], "properties": {"texts": texts}}
+        content = {
+            "application/json": {"schema": {"oneOf": [one, many]}},
+            "text/plain": {"schema": text},  # UTF-8
+        }
+    else:
+        summary = "Classify one PNG or JPEG image"
+        content = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
     return {
         "post": {
-            "summary": "Classify one PNG or JPEG image",
+            "summary": summary,
             "parameters": [top_k],
-            "requestBody": {"required": True, "content": {"application/octet-stream": image}},
+            "requestBody": {"required": True, "content": content},
             "responses": _answers(_OBJECT),
         }
     }
 
 
 def document(
-    model: str, version: str, signature: Signature, max_batch: int, classify: bool = True
+    model: str,
+    version: str,
+    signature: Signature,
+    max_batch: int,
+    classify: str | None = "image",
+    max_texts: int = 1,
 ) -> dict[str, Any]:
     """The OpenAPI document for a server of ``model`` with ``signature``; ``classify``:
-    whether it offers /v1/classify (image classifiers only)."""
+    what /v1/classify takes ("image", "text" with up to ``max_texts`` texts, or None:
+    no such route)."""
     base, versioned = "/v2/models/{model_name}", "/v2/models/{model_name}/versions/{model_version}"
     name, version_param = _path("model_name", model), _path("model_version", "1")
     text = {"description": "Prometheus text", "content": {"text/plain": {"schema": {}}}}
@@ -237,7 +255,7 @@ def document(
         versioned + "/infer": _infer(signature, max_batch, name, version_param),
     }
     if classify:
-        paths["/v1/classify"] = _classify()
+        paths["/v1/classify"] = _classify(classify, max_texts)
     return {
         "openapi": "3.0.3",
         "info": {"title": f"tensorferry serving {model}", "version": version},

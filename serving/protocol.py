@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -47,6 +47,14 @@ _LENGTH = struct.Struct("<I")  # the 4-byte length before each binary BYTES elem
 
 class ProtocolError(ValueError):
     """The request is malformed; answered 400 with this message."""
+
+
+class SequenceRules(Protocol):
+    """A sequence model's extra request checks and batch groups (serving.sequence)."""
+
+    def check(self, inputs: dict[str, np.ndarray]) -> None: ...
+
+    def group(self, arrays: list[np.ndarray]) -> tuple: ...
 
 
 class RequestedOutput(NamedTuple):
@@ -387,7 +395,11 @@ def _outputs(
 
 # decode ----------------------------------------------------------------------------------
 def _decode(
-    body: bytes, header_length: int | None, signature: Signature, max_batch: int
+    body: bytes,
+    header_length: int | None,
+    signature: Signature,
+    max_batch: int,
+    sequence: SequenceRules | None = None,
 ) -> tuple[InferRequest, _Layout | None]:
     if header_length == 0:
         return _raw_input(body, signature), None
@@ -396,11 +408,13 @@ def _decode(
     default_binary, timeout_us = _parameters(header)
     arrays = list(inputs.values())
     rows = arrays[0].shape[0] if signature.batching and arrays else 1
+    if sequence is not None:  # shapes only: a repeated header has the same ones
+        sequence.check(inputs)
     request_id = header.get("id")
     request = InferRequest(
         inputs,
         rows,
-        batch_group(signature, arrays),
+        batch_group(signature, arrays) if sequence is None else sequence.group(arrays),
         _outputs(header, signature, default_binary),
         None if request_id is None else str(request_id),
         timeout_us,
@@ -409,14 +423,19 @@ def _decode(
 
 
 def decode_infer(
-    body: bytes, header_length: int | None, signature: Signature, max_batch: int
+    body: bytes,
+    header_length: int | None,
+    signature: Signature,
+    max_batch: int,
+    sequence: SequenceRules | None = None,
 ) -> InferRequest:
     """Parse and validate an infer body against the model's signature.
 
     ``header_length`` is the Inference-Header-Content-Length (None: all JSON; 0: the body
-    is the one input's raw tensor); ``max_batch`` bounds a batching model's first dim.
+    is the one input's raw tensor); ``max_batch`` bounds a batching model's first dim;
+    ``sequence``: a sequence model's length rules and batch groups.
     """
-    return _decode(body, header_length, signature, max_batch)[0]
+    return _decode(body, header_length, signature, max_batch, sequence)[0]
 
 
 # encode ----------------------------------------------------------------------------------
@@ -550,18 +569,20 @@ class InferCodec:
         signature: Signature,
         max_batch: int,
         class_names: tuple[str, ...] = (),
+        sequence: SequenceRules | None = None,
     ) -> None:
         self.model_name = model_name
         self.signature = signature
         self.max_batch = max_batch
         self.class_names = class_names
+        self.sequence = sequence
         self._datatypes = {o.name: o.datatype for o in signature.outputs}
         self._requests: dict[bytes, _Parsed] = {}
         self._answers: dict[tuple, bytes] = {}
 
     def decode(self, body: bytes, header_length: int | None) -> InferRequest:
         if not header_length or header_length >= len(body):  # raw tensor or JSON data
-            return decode_infer(body, header_length, self.signature, self.max_batch)
+            return decode_infer(body, header_length, self.signature, self.max_batch, self.sequence)
         key = body[:header_length]
         known = self._requests.get(key)
         if known is None or len(body) - header_length != known.nbytes:
@@ -572,7 +593,9 @@ class InferCodec:
         return InferRequest(inputs, *known.tail)
 
     def _decode(self, body: bytes, header_length: int, key: bytes) -> InferRequest:
-        request, layout = _decode(body, header_length, self.signature, self.max_batch)
+        request, layout = _decode(
+            body, header_length, self.signature, self.max_batch, self.sequence
+        )
         if layout is not None:
             parsed = _Parsed(layout, len(body) - header_length, request[1:])
             self._remember(self._requests, key, parsed)

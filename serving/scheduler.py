@@ -21,7 +21,7 @@ from time import perf_counter
 import numpy as np
 
 from serving.backends import Backend
-from serving.batching import BatchQueue, Part, Pending, merge, split
+from serving.batching import BatchQueue, Part, Pending, merge, pad_merge, split
 from serving.denormals import flush_denormals
 from serving.metrics import Metrics, Phases
 
@@ -65,12 +65,15 @@ class Scheduler:
         loop: asyncio.AbstractEventLoop,
         flush_denormals: bool = False,
         batching: bool = True,
+        padding: dict[str, tuple[int, float]] | None = None,
     ) -> None:
         """One worker thread per backend (model instance), all taking from ``batches``;
         with ``flush_denormals`` each flushes subnormals to zero on its own thread.
 
         A model without a batch dim (``batching`` false, as its signature says) runs each
-        request alone: its tensors are passed and answered whole, never sliced by rows."""
+        request alone: its tensors are passed and answered whole, never sliced by rows.
+        ``padding`` (input name -> sequence axis, pad value) pads those inputs of a batch
+        to its longest request (``batching.pad_merge``); the others merge as they are."""
         if not backends:
             raise ValueError("a scheduler needs at least one backend")
         self.metrics = metrics
@@ -83,6 +86,7 @@ class Scheduler:
         self._wake_scheduled = False  # event loop thread only
         self._flush_denormals = flush_denormals
         self._batching = batching
+        self._padding = padding or None
         self._threads = [
             threading.Thread(
                 target=self._worker, args=(backend,), name=f"batch-worker-{i}", daemon=True
@@ -203,10 +207,20 @@ class Scheduler:
         first, start, stop = parts[0]
         if len(parts) == 1 and (not self._batching or stop - start == first.rows):
             return first.inputs
+        if self._padding is not None:
+            return self._padded(parts, self._padding)
         return {
             name: merge([job.inputs[name][start:stop] for job, start, stop in parts])
             for name in first.inputs
         }
+
+    @staticmethod
+    def _padded(parts: list[Part[Job]], padding: dict[str, tuple[int, float]]) -> Inputs:
+        inputs = {}
+        for name in parts[0][0].inputs:
+            arrays = [job.inputs[name][start:stop] for job, start, stop in parts]
+            inputs[name] = pad_merge(arrays, *padding[name]) if name in padding else merge(arrays)
+        return inputs
 
     def _finished(
         self,

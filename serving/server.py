@@ -29,6 +29,7 @@ from serving.http import HttpConnection, expire_idle
 from serving.metrics import Metrics
 from serving.protocol import DATATYPES
 from serving.scheduler import Scheduler
+from serving.sequence import SequenceInputs, TextEncoder, sequence_inputs
 
 log = logging.getLogger("serving")
 
@@ -43,13 +44,18 @@ def warmup_sizes(max_batch_size: int) -> list[int]:
     return list(dict.fromkeys(sizes))
 
 
-def dummy_inputs(signature: Signature, rows: int) -> dict[str, np.ndarray]:
-    """Zeros (empty strings for BYTES) for every input, ``rows`` rows, other dynamic dims 1."""
+def dummy_inputs(
+    signature: Signature, rows: int, padded: dict[str, int] | None = None, length: int = 1
+) -> dict[str, np.ndarray]:
+    """Zeros (empty strings for BYTES) for every input, ``rows`` rows, other dynamic dims 1,
+    but ``length`` along the sequence axis of each ``padded`` input (name -> axis)."""
     inputs = {}
     for spec in signature.inputs:
         dims = [1 if d == -1 else d for d in spec.shape]
         if signature.batching:
             dims[0] = rows
+        if padded and spec.name in padded:
+            dims[padded[spec.name]] = length
         if spec.datatype == "BYTES":
             inputs[spec.name] = np.full(dims, "", dtype=object)
         else:
@@ -62,17 +68,52 @@ def warm(backend: Backend, sizes: list[int], flush_denormals: bool = False) -> N
 
     Zeros are valid input to a tensorferry model; a model brought as is may refuse them
     (a shape its graph can't take, ids it checks), which says nothing about real requests.
+    A sequence model runs each size at its contract's shortest and longest length: a
+    TensorRT profile may start above 1, and the TensorRT EP widens its profile to the
+    shapes it has seen.
     """
     sizes = sizes if backend.signature.batching else [1]
+    sequence = backend.contract.sequence if backend.contract else None
+    padded = {p.name: p.axis for p in sequence.padded} if sequence else None
+    lengths = [max(1, sequence.min_length), sequence.max_length] if sequence else [1]
+    shapes = [(size, length) for size in sizes for length in dict.fromkeys(lengths)]
     with denormals.flushed(flush_denormals):  # an executor thread: as the workers will run
-        for size in sizes:
+        for size, length in shapes:
             try:
-                backend.run(dummy_inputs(backend.signature, size))
+                backend.run(dummy_inputs(backend.signature, size, padded, length))
             except Exception as exc:
                 if backend.contract is not None:
                     raise
                 log.warning("warm-up with zeros failed (%s); serving without it", exc)
                 return
+
+
+def sequence_rules(
+    config: ServerConfig, backend: Backend
+) -> tuple[SequenceInputs | None, TextEncoder | None]:
+    """A sequence model's request rules, and its tokenizer when it is a text model whose
+    inputs are its ids and mask (so /v1/classify can build them); EngineError if the
+    tokenizer the artifact carries does not load."""
+    contract = backend.contract
+    sequence = None if contract is None else contract.sequence
+    text = None
+    if sequence is not None and sequence.kind == "text":
+        try:
+            text = TextEncoder(sequence)
+        except ImportError:
+            raise EngineError(
+                f"{config.engine} is a text model: serving it needs the tokenizers package "
+                "(pip install -e '.[serve]')"
+            ) from None
+        except Exception as exc:  # the tokenizers package raises plain Exceptions
+            raise EngineError(
+                f"{config.engine} carries a tokenizer that does not load: {exc}"
+            ) from None
+        names = {s.name for s in backend.signature.inputs}
+        if names != {p.name for p in sequence.padded}:
+            text = None  # inputs beyond ids and mask: raw text cannot fill them
+    vocab = None if text is None else text.vocab
+    return sequence_inputs(backend.signature, contract, config.sequence_batching, vocab), text
 
 
 def instance_threads(config: ServerConfig) -> int:
@@ -150,9 +191,18 @@ async def run_server(config: ServerConfig, backends: list[Backend], started: flo
     # A model without a batch dim runs each request alone: a batch is one request.
     rows = config.max_batch_size if backend.signature.batching else 1
     batches = BatchQueue(rows, config.max_queue_delay_us / 1e6, config.max_queue_size)
-    scheduler = Scheduler(backends, batches, metrics, loop, flush, backend.signature.batching)
     try:
-        drained = await _serve(App(config, backend, scheduler, metrics), backends, started)
+        rules, text = sequence_rules(config, backend)
+    except EngineError:
+        close_all(backends)
+        raise
+    padding = rules.padding if rules is not None and rules.pad else None
+    scheduler = Scheduler(
+        backends, batches, metrics, loop, flush, backend.signature.batching, padding
+    )
+    try:
+        app = App(config, backend, scheduler, metrics, rules, text)
+        drained = await _serve(app, backends, started)
     finally:
         release(scheduler, backends)
     log.info("stopped" if drained else "grace period ran out with requests unanswered")

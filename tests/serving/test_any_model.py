@@ -345,12 +345,12 @@ def test_mixed_lengths_under_concurrent_load_each_get_their_own_rows(serve, mode
 # Image routes
 
 
-def test_classify_is_only_for_image_classifiers(serve, tiny_model) -> None:
+def test_classify_is_only_for_image_and_text_classifiers(serve, tiny_model) -> None:
     server = serve("torch_cnn")
     status, _, body = fetch(server, "/v1/classify", b"\x89PNG")
     assert status == 404
     message = json.loads(body)["error"]
-    assert "image classifiers" in message and "/v2/models/torch_cnn/infer" in message
+    assert "image and text classifiers" in message and "/v2/models/torch_cnn/infer" in message
 
 
 def test_models_exported_with_contract_version_1_still_serve(tmp_path: Path) -> None:

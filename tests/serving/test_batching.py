@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from serving.batching import BatchQueue, Pending, merge
+from serving.batching import BatchQueue, Pending, merge, pad_merge
 
 IDLE_LONG_AGO = float("-inf")
 BUSY = None
@@ -368,3 +368,20 @@ def test_merge_joins_bytes_tensors() -> None:
     arrays = [np.array([[b"a", b"bc"]], object), np.array([[b"", b"d"], [b"e", b"f"]], object)]
     merged = merge(arrays)
     assert merged.dtype == object and merged.tolist() == [[b"a", b"bc"], [b"", b"d"], [b"e", b"f"]]
+
+
+def test_pad_merge_pads_each_request_to_the_longest_along_its_axis() -> None:
+    series = [np.full((1, 2, 3), 1.0, np.float32), np.full((2, 2, 5), 2.0, np.float32)]
+    merged = pad_merge(series, axis=2, pad_value=-1.0)
+    assert merged.shape == (3, 2, 5) and merged.dtype == np.float32
+    np.testing.assert_array_equal(merged[0, :, :3], 1.0)
+    np.testing.assert_array_equal(merged[0, :, 3:], -1.0)  # the pad value, past its length
+    np.testing.assert_array_equal(merged[1:], 2.0)
+    ids = [np.arange(4).reshape(1, 4), np.arange(2).reshape(1, 2) + 7]
+    np.testing.assert_array_equal(pad_merge(ids, 1, 0), [[0, 1, 2, 3], [7, 8, 0, 0]])
+
+
+def test_pad_merge_of_equal_lengths_is_merge() -> None:
+    arrays = [np.ones((1, 4), np.int64), np.zeros((3, 4), np.int64)]
+    np.testing.assert_array_equal(pad_merge(arrays, 1, 9), np.concatenate(arrays))
+    assert pad_merge(arrays[:1], 1, 9) is arrays[0]

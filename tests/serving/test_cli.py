@@ -22,7 +22,7 @@ def test_help_lists_every_flag_with_its_env_var() -> None:
     assert result.exit_code == 0
     flags = "engine model-name host port max-batch-size max-queue-delay-us max-queue-size "
     flags += "timeout-ms provider threads instances flush-denormals no-flush-denormals warmup "
-    flags += "no-warmup"
+    flags += "no-warmup sequence-batching"
     for flag in flags.split():
         assert f"--{flag}" in result.output
     assert "TENSORFERRY_PORT" in result.output
