@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import export_sequence, onnx_tools, quantize  # noqa: E402
 from pipeline.dataset import Meta, Split  # noqa: E402
 from pipeline.params import ExportParams  # noqa: E402
+from serving.contract import KEY_MODEL_NAME  # noqa: E402
 
 VOCAB, LENGTH, CLASSES = 8000, 128, 4
 
@@ -109,7 +110,7 @@ def timed(path: Path, feeds: dict[str, np.ndarray], runs: int, threads: int) -> 
 
 def variants(model: nn.Module, directory: Path) -> tuple[dict[str, Path], str]:
     fp32 = directory / "model.onnx"
-    metadata = {"tensorferry.model_name": type(model).__name__}
+    metadata = {KEY_MODEL_NAME: type(model).__name__}
     exporter = export_sequence.export_sequence_onnx(model, meta(), fp32, ExportParams(), metadata)
     dynamic, static = directory / "dynamic.onnx", directory / "static.onnx"
     quantize.quantize_int8_dynamic(fp32, dynamic)

@@ -283,8 +283,7 @@ def export_built(
     with atomic_path(out) as tmp:
         tmp.mkdir()
         if test is None:
-            metadata = contract.to_metadata()
-            report = export_sequence.export_all(model, meta, metadata, params, tmp, data_dir)
+            report = export_sequence.export_all(model, meta, contract, params, tmp, data_dir)
         else:
             report = _export_all(model, contract, params, tmp, test.x, test.y, data_dir)
     if report_path is not None:

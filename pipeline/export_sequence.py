@@ -28,9 +28,11 @@ from pipeline.dataset import TOKENIZER_FILE, Meta, Split, load_split
 from pipeline.errors import StageError, step
 from pipeline.params import ExportParams
 from serving.contract import (
+    KEY_MODEL_NAME,
     LOGITS_NAME,
     PROBABILITIES_NAME,
     ContractError,
+    ModelContract,
     PaddedInput,
     SequencePreprocessing,
     check_io,
@@ -105,7 +107,7 @@ def export_sequence_onnx(
     proto = _export(used, module, example, meta, params.opset, max_length)
     if params.exporter == "auto" and length_problem(module, meta, proto, params.parity_atol):
         used, proto = "legacy", _export("legacy", module, example, meta, params.opset, max_length)
-    proto.doc_string = f"tensorferry {metadata['tensorferry.model_name']} (fp32)"
+    proto.doc_string = f"tensorferry {metadata.get(KEY_MODEL_NAME, '')} (fp32)"
     onnx_tools.set_metadata(proto, metadata)
     variants.save(proto, path)
     return used
@@ -280,11 +282,8 @@ def require_parity(parity: SequenceParity, atol: float) -> None:
     )
 
 
-def check_graph_io(path: Path, metadata: dict[str, str]) -> None:
+def check_graph_io(path: Path, contract: ModelContract) -> None:
     """The graph must take what its contract says a server will send (serving's own check)."""
-    from serving.contract import ModelContract
-
-    contract = ModelContract.from_metadata(metadata, str(path))
     try:
         check_io(contract, onnx_tools.signature(onnx_tools.session(path)), path.name)
     except ContractError as exc:
@@ -335,14 +334,13 @@ def variant_builders(
 def export_all(
     model: nn.Module,
     meta: Meta,
-    metadata: dict[str, str],
+    contract: ModelContract,
     params: ExportParams,
     out: Path,
     data_dir: Path,
 ) -> dict[str, Any]:
     """Every file of the export into ``out`` (a fresh directory); returns the report."""
-    from serving.contract import ModelContract
-
+    metadata = contract.to_metadata()
     test = load_split("test", data_dir)
     fp32 = out / onnx_tools.VARIANT_FILES["fp32"]
     start = time.perf_counter()
@@ -355,10 +353,9 @@ def export_all(
         parity, fp32_logits = measure_parity(model, fp32, meta.kind, test, params.batch_size)
         require_parity(parity, params.parity_atol)
     with step("contract check"):
-        check_graph_io(fp32, metadata)
+        check_graph_io(fp32, contract)
     if meta.kind == "text":
         shutil.copyfile(data_dir / TOKENIZER_FILE, out / TOKENIZER_FILE)
-    contract = ModelContract.from_metadata(metadata)
     reports = {"fp32": variants.variant_report(fp32, fp32_logits, fp32_logits, test.y)}
     builders = variant_builders(meta.kind, data_dir, params)
     for name in (v for v in ("int8", "fp16") if v in params.variants):
