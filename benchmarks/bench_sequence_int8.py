@@ -2,12 +2,15 @@
 
 Claim (README params table, export.sequence_int8): dynamic quantization of MatMul/Gemm is
 the faster int8 for our sequence models on CPU, within the accuracy budget; static Q/DQ
-(which TensorRT needs) is the alternative. Measured on a 2-core Xeon (torch 2.13, ORT 1.32,
-batch 64 x 128, median of 7): GRU 1.09x fp32 dynamic vs 1.03x static (the GRU op itself
-stays float in both; top-1 vs fp32 99.8% / 99.4%); transformer 1.18x dynamic (99.4%) vs
-0.46x static, whose MinMax calibration of the attention's masked scores costs it 41% top-1
-agreement. Both models are exported by the export stage's
-own code (pipeline/export_sequence.py) from a text classifier of realistic size: a GRU
+(which TensorRT needs) is the alternative. Measured on a shared 2-core Xeon (torch 2.13,
+ORT 1.32, batch 64 x 128; two runs, medians of 7 and 9, spreads up to +-40%): GRU dynamic
+0.94-1.09x fp32, static 0.64-1.03x (the GRU op stays float in both, so little is left to
+gain; top-1 vs fp32 99.8% / 99.4%); transformer dynamic 1.18-1.34x (99.4%), static
+0.46-0.85x, and its MinMax calibration of the attention's masked scores costs it 41% top-1
+agreement (the accuracy gate would refuse it).
+
+Both models are exported by the export stage's own code
+(pipeline/export_sequence.py) from a text classifier of realistic size: a GRU
 (embedding 128, hidden 256) and a transformer encoder (d_model 128, 4 heads, 2 layers,
 feed-forward 512), vocabulary 8,000, length 128. Weights are random (briefly trained
 models behave alike for speed); agreement with fp32 is top-1 over 512 rows at real lengths.
