@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -201,26 +200,19 @@ def _prune_initializers(graph: Any) -> None:
         graph.initializer.remove(initializer)
 
 
-# Ops whose CPU kernels in ONNX Runtime are float32 only: they stay fp32 in the fp16 variant.
-FP32_ONLY_OPS = ("GRU", "LSTM", "RNN")
-_MISSING_KERNEL = re.compile(
-    r"Could not find an implementation for \w+\(\d+\) node with name '([^']*)'"
-)
-
-
 def convert_fp16(src: Path, dst: Path) -> None:
     """fp16 weights and activations, the inputs' and outputs' types kept.
 
-    onnxconverter-common mistypes two spots of our graph (seen with 1.16): a Cast to float
+    onnxconverter-common mistypes two spots of our graphs (seen with 1.16): a Cast to float
     (the input's uint8 -> float, a mask's int64 -> float) keeps ``to=FLOAT`` while its
-    output is declared fp16, and Softmax,
-    which reads the ``logits`` graph output, gets an fp16 output while it computes fp32.
-    onnx.checker's full check rejects both. So those two nodes stay in fp32 (the
-    converter inserts the casts), and the graph outputs are restored to their types.
-    ONNX Runtime's CPU provider lacks fp16 kernels for some ops (FP32_ONLY_OPS, and others
-    by version): those nodes stay fp32 too, each one it names when the model fails to load.
+    output is declared fp16, and Softmax, which reads the ``logits`` graph output, gets an
+    fp16 output while it computes fp32. onnx.checker's full check rejects both. So those
+    nodes stay in fp32 (the converter inserts the casts), and the graph outputs are
+    restored to their types. Ops without an fp16 CPU kernel need no block list: ONNX
+    Runtime's CPU provider casts around them itself (seen with 1.32 on an fp16 GRU).
     """
     import onnx
+    from onnxconverter_common import float16
 
     model = onnx.load(str(src))
     graph = model.graph
@@ -228,16 +220,11 @@ def convert_fp16(src: Path, dst: Path) -> None:
     blocked = [
         n.name
         for n in graph.node
-        if (n.op_type == "Cast" and _casts_to_float(n))
-        or any(i in output_types for i in n.input)
-        or n.op_type in FP32_ONLY_OPS
+        if (n.op_type == "Cast" and _casts_to_float(n)) or any(i in output_types for i in n.input)
     ]
-    for _ in range(len(graph.node)):
-        half = _to_fp16(model, blocked, output_types)
-        missing = _missing_cpu_kernel(half)
-        if missing is None or missing in blocked:
-            break
-        blocked.append(missing)
+    with _quiet():
+        half = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=blocked)
+    _restore_output_types(half, output_types)
     onnx.save(half, str(dst))
 
 
@@ -245,29 +232,6 @@ def _casts_to_float(node: Any) -> bool:
     import onnx
 
     return any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in node.attribute)
-
-
-def _to_fp16(model: Any, blocked: list[str], output_types: dict[str, int]) -> Any:
-    from onnxconverter_common import float16
-
-    with _quiet():
-        half = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=blocked)
-    _restore_output_types(half, output_types)
-    return half
-
-
-def _missing_cpu_kernel(model: Any) -> str | None:
-    """The node ONNX Runtime's CPU provider has no kernel for, if loading fails on one."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own pybind types
-        match = _MISSING_KERNEL.search(str(exc))
-        return None if match is None else match.group(1)
-    return None
 
 
 def _restore_output_types(model: Any, output_types: dict[str, int]) -> None:
