@@ -13,7 +13,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from pipeline import export_sequence, onnx_tools, quantize
+from pipeline import export_sequence, onnx_tools, quantize, variants
 from pipeline.dataset import TOKENIZER_FILE, load_meta, load_split
 from pipeline.errors import StageError
 from pipeline.params import ExportParams
@@ -197,15 +197,16 @@ def static_length_export(model, meta, path):
     example = export_sequence.example_inputs(meta, meta.input_shape[-1])
     buffer = io.BytesIO()
     names = ["input_ids", "attention_mask"]
-    torch.onnx.export(
-        module,
-        example,
-        buffer,
-        dynamo=False,
-        input_names=names,
-        output_names=["logits", "probabilities"],
-        dynamic_axes={name: {0: "batch"} for name in names},
-    )
+    with variants.quiet_exporter():
+        torch.onnx.export(
+            module,
+            example,
+            buffer,
+            dynamo=False,
+            input_names=names,
+            output_names=["logits", "probabilities"],
+            dynamic_axes={name: {0: "batch"} for name in names},
+        )
     path.write_bytes(buffer.getvalue())
     return path
 
