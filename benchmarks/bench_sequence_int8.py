@@ -114,7 +114,9 @@ def timed(path: Path, feeds: dict[str, np.ndarray], runs: int, threads: int) -> 
 def variants(model: nn.Module, directory: Path) -> tuple[dict[str, Path], str]:
     fp32 = directory / "model.onnx"
     metadata = {KEY_MODEL_NAME: type(model).__name__}
-    exporter = export_sequence.export_sequence_onnx(model, meta(), fp32, ExportParams(), metadata)
+    exporter, _ = export_sequence.export_sequence_onnx(
+        model, meta(), fp32, ExportParams(), metadata
+    )
     dynamic, static = directory / "dynamic.onnx", directory / "static.onnx"
     quantize.quantize_int8_dynamic(fp32, dynamic)
     calibration = export_sequence.calibration_feeds(rows(256, 1), "text", ExportParams())

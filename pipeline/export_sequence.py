@@ -93,8 +93,9 @@ def example_inputs(meta: Meta, length: int) -> tuple[torch.Tensor, torch.Tensor]
 
 def export_sequence_onnx(
     model: nn.Module, meta: Meta, path: Path, params: ExportParams, metadata: dict[str, str]
-) -> str:
-    """Export ``model`` to one ONNX file carrying ``metadata``; returns the exporter used."""
+) -> tuple[str, str | None]:
+    """Export ``model`` to one ONNX file carrying ``metadata``; returns the exporter used and,
+    when auto fell back to legacy, what was wrong with dynamo's graph."""
     max_length = int(meta.input_shape[-1])
     # The longest length, unless it equals the example batch: torch.export would then give
     # batch and length one symbol.
@@ -105,12 +106,15 @@ def export_sequence_onnx(
     example = example_inputs(meta, length)
     used = "legacy" if params.exporter == "legacy" else "dynamo"
     proto = _export(used, module, example, meta, params.opset, max_length)
-    if params.exporter == "auto" and length_problem(module, meta, proto, params.parity_atol):
+    problem = None
+    if params.exporter == "auto":
+        problem = length_problem(module, meta, proto, params.parity_atol)
+    if problem is not None:
         used, proto = "legacy", _export("legacy", module, example, meta, params.opset, max_length)
     proto.doc_string = f"tensorferry {metadata.get(KEY_MODEL_NAME, '')} (fp32)"
     onnx_tools.set_metadata(proto, metadata)
     variants.save(proto, path)
-    return used
+    return used, problem
 
 
 def _export(
@@ -345,7 +349,7 @@ def export_all(
     fp32 = out / onnx_tools.VARIANT_FILES["fp32"]
     start = time.perf_counter()
     with step("export fp32"):
-        exporter = export_sequence_onnx(model, meta, fp32, params, metadata)
+        exporter, dynamo_problem = export_sequence_onnx(model, meta, fp32, params, metadata)
     with step("fp32 onnx check"):
         variants.check_onnx(fp32)
     export_seconds = time.perf_counter() - start
@@ -373,6 +377,7 @@ def export_all(
         "model": contract.model_name,
         "kind": meta.kind,
         "exporter": exporter,
+        "dynamo_problem": dynamo_problem,  # why auto fell back to legacy, else None
         "opset": params.opset,
         "export_seconds": round(export_seconds, 3),
         "torch_accuracy": onnx_tools.accuracy(torch_logits, test.y),

@@ -56,6 +56,7 @@ def test_text_export_writes_variants_tokenizer_and_a_report(text):
     assert (text.onnx_dir / TOKENIZER_FILE).read_text() == tokenizer
     report = text.report
     assert report["kind"] == "text" and report["exporter"] == "dynamo"
+    assert report["dynamo_problem"] is None
     assert report["int8_method"] == "dynamic"
     parity = report["parity"]
     assert parity["sequences"] == 72 and parity["top1_agreement"] == 1.0
@@ -168,6 +169,7 @@ def test_auto_falls_back_to_legacy_when_the_dynamo_graph_is_wrong(text, tmp_path
     model = DivergesUnderDynamo(text.model).eval()
     report = export_standin(model, "text", text.data_dir, tmp_path / "auto", params)
     assert report["exporter"] == "legacy"
+    assert report["dynamo_problem"] == "differs from PyTorch at length 2"
     assert report["parity"]["max_abs_logit_diff"] <= 1e-4
     with pytest.raises(StageError, match="parity check failed on 72 test sequences"):
         params = ExportParams(variants=("fp32",), exporter="dynamo")
