@@ -9,7 +9,8 @@ another, and a placeholder written where a target is unavailable would be cached
 - ``tensorrt``: a serialized TensorRT plan (see pipeline/tensorrt_build.py).
 
 Each engine gets a sidecar ``<engine>.json`` (serving/contract.py); the engine is then
-run over the test split and its accuracy and agreement with the fp32 ONNX model go to
+run over the test split (a sequence model's in batches of similar length, each trimmed to
+its longest row) and its accuracy and agreement with the fp32 ONNX model go to
 ``reports/engine.json``. All outputs appear together or not at all.
 """
 
@@ -20,7 +21,7 @@ import dataclasses
 import platform
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -29,7 +30,7 @@ import typer
 
 from pipeline import onnx_tools, quantize, tensorrt_build
 from pipeline.artifacts import atomic_path, sha256_file, write_json, write_metrics
-from pipeline.dataset import DEFAULT_DIR, load_split
+from pipeline.dataset import DEFAULT_DIR, load_meta, load_split
 from pipeline.errors import StageError, exit_on_stage_error, run_command, step
 from pipeline.onnx_tools import ONNX_DIR as DEFAULT_ONNX
 from pipeline.onnx_tools import VARIANT_FILES
@@ -43,7 +44,8 @@ DEFAULT_OUT = Path("models/engine")
 DEFAULT_REPORT = Path("reports/engine.json")
 ENGINE_FILES = {"onnxruntime": "model.optimized.onnx", "tensorrt": "model.trt"}
 
-Runner = Callable[[np.ndarray], np.ndarray]  # uint8 images -> logits
+# uint8 images, or a sequence model's inputs by name -> logits
+Runner = Callable[[np.ndarray | onnx_tools.Feeds], np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,14 +148,15 @@ def optimize_onnxruntime(
     }
     write_json(sidecar_path, sidecar)
 
-    def run(x: np.ndarray) -> np.ndarray:
+    def run(x: np.ndarray | onnx_tools.Feeds) -> np.ndarray:
         with denormals.flushed(params.flush_denormals):  # this thread calls session.run
             return onnx_tools.run_logits(sess, x, params.max_batch)
 
     return run
 
 
-def prepare_tensorrt(onnx: Path, params: EngineParams) -> Prepared:
+def prepare_tensorrt(onnx: Path, params: EngineParams, data_dir: Path | None = None) -> Prepared:
+    """``data_dir``: a sequence model's profile is tuned for its median length."""
     trt = tensorrt_build.require_tensorrt()
     gpu = tensorrt_build.require_cuda_gpu()
     tensorrt_build.require_cuda_python()
@@ -162,7 +165,10 @@ def prepare_tensorrt(onnx: Path, params: EngineParams) -> Prepared:
     plan = tensorrt_build.plan_build(major, params.precision)
     source = resolve_source(onnx, plan.variant)
     tensorrt_build.check_source(plan, source.precision, source.path, major)
-    profile = tensorrt_build.profile_shapes(source.contract.image.shape, params)
+    if source.precision == "int8":
+        graph = onnx_tools.load_model(source.path).graph
+        tensorrt_build.check_int8_form({n.op_type for n in graph.node}, source.path)
+    profile = _profile(source, params, data_dir)
     cache = None
     if params.timing_cache:
         cache = tensorrt_build.timing_cache_file(
@@ -192,8 +198,23 @@ def prepare_tensorrt(onnx: Path, params: EngineParams) -> Prepared:
     return Prepared(source, build)
 
 
+def _profile(
+    source: Source, params: EngineParams, data_dir: Path | None
+) -> tensorrt_build.Profile | dict[str, tensorrt_build.Profile]:
+    """An image model's one profile, or one per input of a sequence model."""
+    sequence = source.contract.sequence
+    if sequence is None:
+        return tensorrt_build.profile_shapes(source.contract.image.shape, params)
+    stats = load_meta(data_dir).length_stats if data_dir is not None else {}
+    graph = onnx_tools.load_model(source.path).graph
+    shapes = {
+        i.name: [d.dim_value or -1 for d in i.type.tensor_type.shape.dim] for i in graph.input
+    }
+    return tensorrt_build.sequence_profiles(shapes, sequence, stats.get("median"), params)
+
+
 def plan_logits(
-    plan: bytes, sidecar: dict[str, Any], engine_path: Path, x: np.ndarray
+    plan: bytes, sidecar: dict[str, Any], engine_path: Path, x: np.ndarray | onnx_tools.Feeds
 ) -> np.ndarray:
     """Logits for ``x`` from the server's own TensorRT runner, closed afterwards.
 
@@ -202,16 +223,16 @@ def plan_logits(
     """
     try:
         with contextlib.closing(open_plan(plan, sidecar, engine_path)) as runner:
-            inputs = {runner.signature.inputs[0].name: x}
-            return runner.run(inputs)[LOGITS_NAME].astype(np.float32, copy=False)
+            inputs = x if isinstance(x, Mapping) else {runner.signature.inputs[0].name: x}
+            return runner.run(dict(inputs))[LOGITS_NAME].astype(np.float32, copy=False)
     except EngineError as exc:
         raise StageError(f"running the TensorRT plan over the test split: {exc}") from None
 
 
-TARGETS: dict[str, Callable[[Path, EngineParams], Prepared]] = {
-    "onnxruntime": prepare_onnxruntime,
-    "tensorrt": prepare_tensorrt,
-}
+def prepare(onnx: Path, params: EngineParams, data_dir: Path | None) -> Prepared:
+    if params.target == "tensorrt":
+        return prepare_tensorrt(onnx, params, data_dir)
+    return prepare_onnxruntime(onnx, params)
 
 
 def check_flush(flush_denormals: bool) -> None:
@@ -266,19 +287,16 @@ def staged_outputs(out: Path, target: str) -> Iterator[tuple[Path, Path]]:
 def evaluate_engine(run: Runner, source: Source, data_dir: Path, batch_size: int) -> dict[str, Any]:
     """Accuracy on the test split, and agreement with the fp32 ONNX model (when present)."""
     test = load_split("test", data_dir)
-    if tuple(test.x.shape[1:]) != tuple(source.contract.image.shape):
-        raise StageError(
-            f"{data_dir} test images are {list(test.x.shape[1:])}, the model takes "
-            f"{list(source.contract.image.shape)}"
-        )
-    logits = run(test.x)
+    runs = _split_runner(source, test, data_dir, batch_size)
+    logits = runs(run)
     figures: dict[str, Any] = {
-        "images": len(test.y),
+        "images" if source.contract.sequence is None else "sequences": len(test.y),
         "accuracy": onnx_tools.accuracy(logits, test.y),
     }
     reference = fp32_reference(source)
     if reference is not None:
-        ref_logits = onnx_tools.run_logits(onnx_tools.session(reference), test.x, batch_size)
+        sess = onnx_tools.session(reference)
+        ref_logits = runs(lambda x: onnx_tools.run_logits(sess, x, batch_size))
         fp32_accuracy = onnx_tools.accuracy(ref_logits, test.y)
         figures |= {
             "fp32_onnx_accuracy": fp32_accuracy,
@@ -287,6 +305,28 @@ def evaluate_engine(run: Runner, source: Source, data_dir: Path, batch_size: int
             "max_abs_logit_diff_fp32": float(np.abs(logits - ref_logits).max()),
         }
     return figures
+
+
+def _split_runner(
+    source: Source, test: Any, data_dir: Path, batch_size: int
+) -> Callable[[Runner], np.ndarray]:
+    """How a runner goes over the test split: all images at once (the runner batches), or
+    a sequence model's rows by length in trimmed batches."""
+    sequence = source.contract.sequence
+    if sequence is None:
+        if tuple(test.x.shape[1:]) != tuple(source.contract.image.shape):
+            raise StageError(
+                f"{data_dir} test images are {list(test.x.shape[1:])}, the model takes "
+                f"{list(source.contract.image.shape)}"
+            )
+        return lambda run: run(test.x)
+    kind = load_meta(data_dir).kind
+    if kind != sequence.kind or test.x.shape[-1] > sequence.max_length:
+        raise StageError(
+            f"{data_dir} holds {kind} data of length {test.x.shape[-1]}, the model takes "
+            f"{sequence.kind} of at most {sequence.max_length} steps"
+        )
+    return lambda run: onnx_tools.by_length(run, kind, test.x, test.lengths, batch_size)
 
 
 def build_engine(
@@ -300,7 +340,7 @@ def build_engine(
     tensorrt_build.check_batches(params.min_batch, params.opt_batch, params.max_batch)
     if not onnx.exists():
         raise StageError(f"{onnx} not found; run the export stage first")
-    prepared = TARGETS[params.target](onnx, params)
+    prepared = prepare(onnx, params, data_dir)
     source = prepared.source
     start = time.perf_counter()
     with staged_outputs(out, params.target) as (engine_path, sidecar_path):

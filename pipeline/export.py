@@ -1,40 +1,48 @@
 """The export stage: checkpoint -> one self-contained ONNX file per precision, verified.
 
-The fp32 model is exported with torch's dynamo exporter (dynamic batch, uint8 pixels in,
+An image model is exported with torch's dynamo exporter (dynamic batch, uint8 pixels in,
 normalisation baked in, ``logits`` and ``probabilities`` out), passes onnx.checker's full
 check and must match PyTorch on the whole test split (max |logit diff| <= parity_atol,
-100% top-1 agreement) at several batch sizes. int8 and fp16 variants are derived from it
-and must stay within ``max_accuracy_drop`` points of its test accuracy. Everything lands
+100% top-1 agreement) at several batch sizes. Sequence models (text, series) take the
+same gates with a dynamic length too (pipeline/export_sequence.py). int8 and fp16
+variants are derived from it and must stay within ``max_accuracy_drop`` points of its
+test accuracy. Everything lands
 in ``models/onnx`` at once, or not at all; figures go to ``reports/export.json``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
 import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 import typer
 from torch import nn
 
-from pipeline import onnx_tools, quantize
+from pipeline import export_sequence, onnx_tools, quantize
 from pipeline.artifacts import atomic_path, git_revision, params_hash, write_metrics
 from pipeline.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, load_checkpoint
 from pipeline.dataset import DEFAULT_DIR, Meta, load_meta, load_split
 from pipeline.errors import StageError, exit_on_stage_error, run_command, step
 from pipeline.params import ExportParams, as_dict, load_with_overrides
+from pipeline.variants import (
+    build_variant,
+    check_accuracy_drops,
+    check_onnx,
+    quiet_exporter,
+    save,
+    variant_report,
+)
 from serving.contract import (
     IMAGE_CLASSIFICATION,
     INPUT_NAME,
     LOGITS_NAME,
     PROBABILITIES_NAME,
+    SEQUENCE_CLASSIFICATION,
     ImagePreprocessing,
     ModelContract,
 )
@@ -75,14 +83,10 @@ class Parity:
 
 def export_onnx(model: nn.Module, path: Path, opset: int, contract: ModelContract) -> None:
     """Export ``model`` (uint8 NCHW in, logits out) to one ONNX file carrying ``contract``."""
-    if opset not in OPSETS:
-        raise StageError(
-            f"params: export.opset must be 17-20 (ONNX Runtime int8 quantization fails "
-            f"at 21+), got {opset}"
-        )
+    check_opset(opset)
     # An example batch of 2: with 1, the exporter may specialise the batch dim to a constant.
     example = torch.zeros((2, *contract.image.shape), dtype=torch.uint8)
-    with _quiet_exporter():
+    with quiet_exporter():
         program = torch.onnx.export(
             ExportModule(model).eval(),
             (example,),
@@ -97,40 +101,15 @@ def export_onnx(model: nn.Module, path: Path, opset: int, contract: ModelContrac
     proto = program.model_proto
     proto.doc_string = f"tensorferry {contract.model_name} ({contract.precision})"
     onnx_tools.set_metadata(proto, contract.to_metadata())
-    _save(proto, path)
+    save(proto, path)
 
 
-def check_onnx(path: Path) -> None:
-    """onnx.checker with full_check (shape and type inference) as a StageError."""
-    import onnx
-
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise StageError(f"{path.name} fails onnx.checker: {first}") from None
-
-
-def _save(proto: Any, path: Path) -> None:
-    import onnx
-
-    onnx.save_model(proto, str(path))
-
-
-@contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    """The exporter logs progress, torchvision hints and deprecation warnings; hide them."""
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "onnxscript")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
+def check_opset(opset: int) -> None:
+    if opset not in OPSETS:
+        raise StageError(
+            f"params: export.opset must be 17-20 (ONNX Runtime int8 quantization fails "
+            f"at 21+), got {opset}"
+        )
 
 
 # Parity
@@ -185,71 +164,21 @@ def require_parity(parity: Parity, atol: float) -> None:
 # Variants
 
 
-def check_accuracy_drops(variants: dict[str, dict[str, Any]], max_drop: float) -> None:
-    """Fail when any variant's test accuracy falls more than ``max_drop`` points below fp32."""
-    over = [
-        f"{name} {report['accuracy']:.2%} ({report['accuracy_drop_pp']:+.2f} pp)"
-        for name, report in variants.items()
-        if report["accuracy_drop_pp"] > max_drop
-    ]
-    if over:
-        raise StageError(
-            f"accuracy drop above export.max_accuracy_drop {max_drop:g} pp against fp32 "
-            f"{variants['fp32']['accuracy']:.2%}: {', '.join(over)}"
+def image_builders(
+    train_x: Callable[[], np.ndarray], params: ExportParams
+) -> dict[str, Callable[[Path, Path], None]]:
+    @step("int8 quantization")
+    def int8(fp32: Path, dst: Path) -> None:
+        sample = quantize.calibration_sample(
+            train_x(), params.calibration_samples, params.calibration_seed
         )
+        quantize.quantize_int8(fp32, dst, quantize.image_batches(sample, INPUT_NAME))
 
+    @step("fp16 conversion")
+    def fp16(fp32: Path, dst: Path) -> None:
+        quantize.convert_fp16(fp32, dst)
 
-def variant_report(
-    path: Path, logits: np.ndarray, fp32_logits: np.ndarray, labels: np.ndarray
-) -> dict[str, Any]:
-    accuracy = onnx_tools.accuracy(logits, labels)
-    fp32_accuracy = onnx_tools.accuracy(fp32_logits, labels)
-    return {
-        "file": path.name,
-        "bytes": path.stat().st_size,
-        "accuracy": accuracy,
-        # Percentage points; positive means worse than fp32. Rounded so 0.0 prints as 0.0.
-        "accuracy_drop_pp": round((fp32_accuracy - accuracy) * 100, 6),
-        "top1_agreement_fp32": onnx_tools.agreement(logits, fp32_logits),
-        "max_abs_logit_diff_fp32": float(np.abs(logits - fp32_logits).max()),
-    }
-
-
-@step("int8 quantization")
-def _int8(fp32: Path, dst: Path, train_x: Callable[[], np.ndarray], params: ExportParams) -> None:
-    sample = quantize.calibration_sample(
-        train_x(), params.calibration_samples, params.calibration_seed
-    )
-    quantize.quantize_int8(fp32, dst, sample)
-
-
-@step("fp16 conversion")
-def _fp16(fp32: Path, dst: Path, train_x: Callable[[], np.ndarray], params: ExportParams) -> None:
-    quantize.convert_fp16(fp32, dst)
-
-
-VARIANT_BUILDERS = {"int8": _int8, "fp16": _fp16}
-
-
-def build_variant(
-    name: str,
-    fp32: Path,
-    dst: Path,
-    contract: ModelContract,
-    train_x: Callable[[], np.ndarray],
-    params: ExportParams,
-) -> None:
-    """Derive variant ``name`` from the fp32 file, stamp its precision, and check it."""
-    import onnx
-
-    VARIANT_BUILDERS[name](fp32, dst, train_x, params)
-    proto = onnx.load(str(dst))
-    metadata = dataclasses.replace(contract, precision=name).to_metadata()
-    onnx_tools.set_metadata(proto, metadata)
-    proto.doc_string = f"tensorferry {contract.model_name} ({name})"
-    _save(proto, dst)
-    with step(f"{name} onnx check"):
-        check_onnx(dst)
+    return {"int8": int8, "fp16": fp16}
 
 
 # The stage
@@ -280,21 +209,35 @@ def check_data_matches(checkpoint: Checkpoint, meta: Meta, data_dir: Path) -> No
         )
 
 
-def make_contract(checkpoint: Checkpoint, meta: Meta, params: ExportParams) -> ModelContract:
-    return ModelContract(
-        model_name=checkpoint.spec.name,
-        task=IMAGE_CLASSIFICATION,
-        class_names=tuple(meta.class_names),
-        image=ImagePreprocessing(
+def make_contract(
+    model_name: str,
+    meta: Meta,
+    params: ExportParams,
+    data_dir: Path,
+    *,
+    data_fingerprint: str = "",
+    train_params_hash: str = "",
+) -> ModelContract:
+    """The contract the fp32 file carries: image or sequence preprocessing from ``meta``."""
+    sequence = export_sequence.preprocessing(meta, data_dir) if meta.is_sequence else None
+    image = None
+    if not meta.is_sequence:
+        image = ImagePreprocessing(
             input_name=INPUT_NAME,
             layout="NCHW",
             shape=tuple(meta.input_shape),  # type: ignore[arg-type]
             dtype="uint8",
             value_range=(0.0, 255.0),
-        ),
+        )
+    return ModelContract(
+        model_name=model_name,
+        task=SEQUENCE_CLASSIFICATION if meta.is_sequence else IMAGE_CLASSIFICATION,
+        class_names=tuple(meta.class_names),
+        image=image,
+        sequence=sequence,
         precision="fp32",
-        data_fingerprint=checkpoint.data_fingerprint or meta.fingerprint,
-        params_hash=params_hash({"train": checkpoint.params_hash, "export": as_dict(params)}),
+        data_fingerprint=data_fingerprint or meta.fingerprint,
+        params_hash=params_hash({"train": train_params_hash, "export": as_dict(params)}),
         git_revision=git_revision(),
     )
 
@@ -313,11 +256,36 @@ def export_model(
     with step("load data"):
         meta = load_meta(data_dir)
         check_data_matches(checkpoint, meta, data_dir)
-        test = load_split("test", data_dir)
-    contract = make_contract(checkpoint, meta, params)
+    contract = make_contract(
+        checkpoint.spec.name,
+        meta,
+        params,
+        data_dir,
+        data_fingerprint=checkpoint.data_fingerprint,
+        train_params_hash=checkpoint.params_hash,
+    )
+    return export_built(model, meta, contract, params, data_dir, out, report_path)
+
+
+def export_built(
+    model: nn.Module,
+    meta: Meta,
+    contract: ModelContract,
+    params: ExportParams,
+    data_dir: Path = DEFAULT_DIR,
+    out: Path = DEFAULT_OUT,
+    report_path: Path | None = DEFAULT_REPORT,
+) -> dict[str, Any]:
+    """Export a built model of ``meta``'s kind into ``out`` (all files or none)."""
+    check_opset(params.opset)
+    with step("load data"):
+        test = None if meta.is_sequence else load_split("test", data_dir)
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        report = _export_all(model, contract, params, tmp, test.x, test.y, data_dir)
+        if test is None:
+            report = export_sequence.export_all(model, meta, contract, params, tmp, data_dir)
+        else:
+            report = _export_all(model, contract, params, tmp, test.x, test.y, data_dir)
     if report_path is not None:
         write_metrics(report_path, report)
     return report
@@ -343,9 +311,10 @@ def _export_all(
         parity, fp32_logits = measure_parity(model, fp32, x, params.batch_size)
         require_parity(parity, params.parity_atol)
     variants = {"fp32": variant_report(fp32, fp32_logits, fp32_logits, y)}
+    builders = image_builders(lambda: load_split("train", data_dir).x, params)
     for name in (v for v in ("int8", "fp16") if v in params.variants):
         dst = out / VARIANT_FILES[name]
-        build_variant(name, fp32, dst, contract, lambda: load_split("train", data_dir).x, params)
+        build_variant(name, fp32, dst, contract, builders[name])
         with step(f"{name} accuracy"):
             logits = onnx_tools.run_logits(onnx_tools.session(dst), x, params.batch_size)
         variants[name] = variant_report(dst, logits, fp32_logits, y)
@@ -360,6 +329,9 @@ def _export_all(
         "max_accuracy_drop_pp": params.max_accuracy_drop,
         "params_hash": contract.params_hash,
     }
+
+
+Exporter = Literal["auto", "dynamo", "legacy"]
 
 
 @exit_on_stage_error
@@ -411,6 +383,13 @@ def command(
             help="int8: train images used for calibration [params: export.calibration_samples]."
         ),
     ] = None,
+    exporter: Annotated[
+        Exporter | None,
+        typer.Option(
+            help="Sequence models: dynamo, legacy, or auto (dynamo, legacy when the graph "
+            "fails at other lengths) [params: export.exporter, auto]."
+        ),
+    ] = None,
 ) -> None:
     """Export the checkpoint to ONNX (uint8 in, logits + probabilities out), verify parity
     with PyTorch on the test split, and write the int8/fp16 variants."""
@@ -422,13 +401,22 @@ def command(
         variants=variants,
         max_accuracy_drop=max_accuracy_drop,
         calibration_samples=calibration_samples,
+        exporter=exporter,
     )
     result = export_model(params, checkpoint, data_dir, out, report)
     parity = result["parity"]
+    rows = (
+        f"{parity['images']} test images"
+        if "images" in parity
+        else (
+            f"{parity['sequences']} test sequences and {len(parity['probes'])} length probes "
+            f"({result['exporter']} exporter)"
+        )
+    )
     typer.echo(
         f"exported {result['model']} (opset {result['opset']}) "
         f"in {result['export_seconds']:.1f} s; "
-        f"parity on {parity['images']} test images: max |logit diff| "
+        f"parity on {rows}: max |logit diff| "
         f"{parity['max_abs_logit_diff']:.2g}, top-1 agreement {parity['top1_agreement']:.0%}"
     )
     for name, variant in result["variants"].items():

@@ -1,13 +1,14 @@
 """ONNX helpers shared by the export and engine stages (and the benchmark): no torch here.
 
 Reading a model's contract, writing its metadata, and running it in ONNX Runtime over a
-split in batches. Every failure a user can cause (a corrupt, truncated or foreign file)
-becomes a one-line StageError.
+split in batches: images in fixed-size batches, sequences sorted by length and each batch
+trimmed to its longest row (padding costs compute, and a row's answer must not depend on it).
+Every failure a user can cause (a corrupt, truncated or foreign file) becomes a one-line StageError.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,16 @@ import numpy as np
 
 from pipeline.errors import StageError
 from serving import denormals
-from serving.contract import ContractError, ModelContract
+from serving.contract import (
+    SERIES_MASK,
+    SERIES_VALUES,
+    TEXT_IDS,
+    TEXT_MASK,
+    ContractError,
+    ModelContract,
+    Signature,
+    TensorSpec,
+)
 
 # The export stage's output directory and its file per precision; the engine reads them.
 ONNX_DIR = Path("models/onnx")
@@ -31,6 +41,10 @@ ORT_DATATYPES = {
     "tensor(float)": "FP32",
     "tensor(bool)": "BOOL",
 }
+# A sequence model's two inputs per kind: the padded values (ids or series) and the mask.
+SEQUENCE_INPUTS = {"text": (TEXT_IDS, TEXT_MASK), "series": (SERIES_VALUES, SERIES_MASK)}
+
+Feeds = Mapping[str, np.ndarray]
 
 
 def load_model(path: Path) -> Any:
@@ -54,16 +68,18 @@ def load_model(path: Path) -> Any:
 
 
 def read_contract(path: Path, model: Any | None = None) -> ModelContract:
-    """The tensorferry contract carried in the model's metadata_props: an image model's."""
+    """The tensorferry contract carried in the model's metadata_props: an image or a
+    sequence classifier's."""
     model = load_model(path) if model is None else model
     metadata = {prop.key: prop.value for prop in model.metadata_props}
     try:
         contract = ModelContract.from_metadata(metadata, source=str(path))
     except ContractError as exc:
         raise StageError(str(exc)) from None
-    if contract.image is None:
+    if contract.image is None and contract.sequence is None:
         raise StageError(
-            f"{path} is a {contract.task} model; the pipeline's stages build image models"
+            f"{path} is a {contract.task} model; the pipeline's stages build image and "
+            "sequence classifiers"
         )
     return contract
 
@@ -93,14 +109,60 @@ def session(path: Path, threads: int = 0, flush_denormals: bool = False) -> Any:
             raise StageError(f"{path} does not load in ONNX Runtime: {first}") from None
 
 
-def run_logits(sess: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """Logits (float32) for every image in ``x``, batch by batch."""
-    name = sess.get_inputs()[0].name
+def run_logits(sess: Any, x: np.ndarray | Feeds, batch_size: int) -> np.ndarray:
+    """Logits (float32) for every row of ``x`` (images, or every input of a sequence model
+    by name), batch by batch."""
+    feeds = x if isinstance(x, Mapping) else {sess.get_inputs()[0].name: x}
+    rows = len(next(iter(feeds.values())))
     outputs = [
-        sess.run([sess.get_outputs()[0].name], {name: x[start : start + batch_size]})[0]
-        for start in range(0, len(x), batch_size)
+        sess.run(
+            [sess.get_outputs()[0].name],
+            {name: value[start : start + batch_size] for name, value in feeds.items()},
+        )[0]
+        for start in range(0, rows, batch_size)
     ]
     return np.concatenate(outputs).astype(np.float32)
+
+
+def sequence_feeds(kind: str, x: np.ndarray, lengths: np.ndarray, steps: int) -> Feeds:
+    """A sequence model's inputs for rows ``x`` cut to ``steps`` (lengths clipped to it)."""
+    values, mask = SEQUENCE_INPUTS[kind]
+    clipped = np.minimum(lengths, steps)
+    return {
+        values: np.ascontiguousarray(x[..., :steps]),
+        mask: (np.arange(steps)[None, :] < clipped[:, None]).astype(np.int64),
+    }
+
+
+def by_length(
+    run: Callable[[Feeds], np.ndarray],
+    kind: str,
+    x: np.ndarray,
+    lengths: np.ndarray,
+    batch_size: int,
+) -> np.ndarray:
+    """Logits for every row, in ``x``'s order, from batches of similar length: rows sorted
+    by length, each batch trimmed to its longest row."""
+    order = np.argsort(lengths, kind="stable")
+    pieces = []
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        steps = int(lengths[index].max())
+        pieces.append(run(sequence_feeds(kind, x[index], lengths[index], steps)))
+    logits = np.concatenate(pieces).astype(np.float32)
+    restored = np.empty_like(logits)
+    restored[order] = logits
+    return restored
+
+
+def signature(sess: Any) -> Signature:
+    """The session's tensors as the server reads them (for contract.check_io)."""
+    specs = io_specs(sess)
+
+    def tensors(key: str) -> tuple[TensorSpec, ...]:
+        return tuple(TensorSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in specs[key])
+
+    return Signature.from_graph(tensors("inputs"), tensors("outputs"))
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:

@@ -159,6 +159,13 @@ class ExportParams:
     calibration_samples: int = 512  # int8: images drawn from the train split
     calibration_seed: int = 0
     batch_size: int = 256  # for parity and accuracy runs
+    # Sequence models: auto tries dynamo and falls back to the legacy exporter when the
+    # graph fails or differs at other lengths (torch 2.13's dynamo can bake a bidirectional
+    # GRU/LSTM's length in). Image models always use dynamo.
+    exporter: Literal["auto", "dynamo", "legacy"] = "auto"
+    # Sequence models' int8: dynamic (ORT CPU's fastest, benchmarks/bench_sequence_int8.py)
+    # or static Q/DQ (what TensorRT needs).
+    sequence_int8: Literal["dynamic", "static"] = "dynamic"
 
 
 @dataclasses.dataclass(frozen=True)

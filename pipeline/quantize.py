@@ -1,7 +1,8 @@
-"""Reduced-precision variants of the fp32 ONNX model: int8 (static, Q/DQ) and fp16.
+"""Reduced-precision variants of the fp32 ONNX model: int8 (static Q/DQ, or dynamic for
+sequence models) and fp16.
 
-Both keep the contract's I/O: uint8 ``images`` in, float32 ``logits`` and
-``probabilities`` out, so a server feeds every variant the same way.
+All keep the contract's I/O (uint8 ``images``, or int64 ids/masks and float32 series, in;
+float32 ``logits`` and ``probabilities`` out), so a server feeds every variant the same way.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,16 @@ def calibration_sample(x: np.ndarray, samples: int, seed: int) -> np.ndarray:
     return x[index]
 
 
-def quantize_int8(src: Path, dst: Path, calibration: np.ndarray) -> None:
-    """Static int8 quantization in Q/DQ form, calibrated with MinMax on ``calibration``.
+def image_batches(calibration: np.ndarray, name: str) -> list[dict[str, np.ndarray]]:
+    """The calibration images as feeds of CALIBRATION_BATCH images of input ``name``."""
+    return [
+        {name: calibration[i : i + CALIBRATION_BATCH]}
+        for i in range(0, len(calibration), CALIBRATION_BATCH)
+    ]
+
+
+def quantize_int8(src: Path, dst: Path, batches: Sequence[Mapping[str, np.ndarray]]) -> None:
+    """Static int8 quantization in Q/DQ form, calibrated with MinMax on the feeds ``batches``.
 
     Per-channel weights and symmetric activations and weights (zero point 0): TensorRT
     only accepts symmetric Q/DQ, and a Q/DQ model is what TensorRT 11 needs for int8.
@@ -47,13 +56,10 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray) -> None:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
-        def __init__(self, name: str) -> None:
-            self._batches = iter(
-                {name: calibration[i : i + CALIBRATION_BATCH]}
-                for i in range(0, len(calibration), CALIBRATION_BATCH)
-            )
+        def __init__(self) -> None:
+            self._batches = iter(batches)
 
-        def get_next(self) -> dict[str, np.ndarray] | None:
+        def get_next(self) -> Mapping[str, np.ndarray] | None:
             return next(self._batches, None)
 
     import onnx
@@ -63,7 +69,7 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray) -> None:
     with tempfile.TemporaryDirectory() as tmp, _quiet():
         pre = Path(tmp) / "pre.onnx"
         # ONNX's own shape inference, which quant_pre_process runs after its optimiser, is
-        # enough here: the only symbolic dim is the batch, which the exporter already names.
+        # enough here: the symbolic dims (batch, length) are named by the exporter.
         # onnxruntime's symbolic inference can't type a Reduce{Max,Min,L2,...} at opset 18+,
         # where axes became an input (no handler, and its single-node fallback drops the
         # axes initializer; microsoft/onnxruntime#32376), so resnet's global max pool left
@@ -73,7 +79,7 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray) -> None:
         quantize_static(
             str(pre),
             str(dst),
-            Reader(model.graph.input[0].name),
+            Reader(),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QInt8,
@@ -86,6 +92,30 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray) -> None:
                 "WeightSymmetric": True,
                 "QuantizeBias": False,
             },
+        )
+
+
+def quantize_int8_dynamic(src: Path, dst: Path) -> None:
+    """Dynamic int8 quantization: int8 weights, activations quantized per batch at run time.
+
+    No calibration, and what ONNX Runtime's CPU kernels run fastest for the MatMul/Gemm of
+    sequence models (benchmarks/bench_sequence_int8.py). Only MatMul and Gemm: its
+    DynamicQuantizeLSTM would change the LSTM's numerics and it has no GRU kernel, and a
+    quantized Gather (embedding) saves memory, not time. Not a Q/DQ graph, so TensorRT
+    cannot build it (export.sequence_int8=static gives one it can).
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp, _quiet():
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quantize_dynamic(
+            str(pre),
+            str(dst),
+            op_types_to_quantize=["MatMul", "Gemm"],
+            per_channel=False,
+            weight_type=QuantType.QInt8,
         )
 
 
@@ -171,30 +201,37 @@ def _prune_initializers(graph: Any) -> None:
 
 
 def convert_fp16(src: Path, dst: Path) -> None:
-    """fp16 weights and activations, uint8 input and float32 outputs kept.
+    """fp16 weights and activations, the inputs' and outputs' types kept.
 
-    onnxconverter-common mistypes two spots of our graph (seen with 1.16): the input Cast
-    (uint8 -> float) keeps ``to=FLOAT`` while its output is declared fp16, and Softmax,
-    which reads the ``logits`` graph output, gets an fp16 output while it computes fp32.
-    onnx.checker's full check rejects both. So those two nodes stay in fp32 (the
-    converter inserts the casts), and the graph outputs are restored to their types.
+    onnxconverter-common mistypes two spots of our graphs (seen with 1.16): a Cast to float
+    (the input's uint8 -> float, a mask's int64 -> float) keeps ``to=FLOAT`` while its
+    output is declared fp16, and Softmax, which reads the ``logits`` graph output, gets an
+    fp16 output while it computes fp32. onnx.checker's full check rejects both. So those
+    nodes stay in fp32 (the converter inserts the casts), and the graph outputs are
+    restored to their types. Ops without an fp16 CPU kernel need no block list: ONNX
+    Runtime's CPU provider casts around them itself (seen with 1.32 on an fp16 GRU).
     """
     import onnx
     from onnxconverter_common import float16
 
     model = onnx.load(str(src))
     graph = model.graph
-    inputs = {i.name for i in graph.input}
     output_types = {o.name: o.type.tensor_type.elem_type for o in graph.output}
     blocked = [
         n.name
         for n in graph.node
-        if (n.op_type == "Cast" and n.input[0] in inputs) or any(i in output_types for i in n.input)
+        if (n.op_type == "Cast" and _casts_to_float(n)) or any(i in output_types for i in n.input)
     ]
     with _quiet():
         half = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=blocked)
     _restore_output_types(half, output_types)
     onnx.save(half, str(dst))
+
+
+def _casts_to_float(node: Any) -> bool:
+    import onnx
+
+    return any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in node.attribute)
 
 
 def _restore_output_types(model: Any, output_types: dict[str, int]) -> None:

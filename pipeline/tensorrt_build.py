@@ -2,8 +2,9 @@
 
 The decisions are pure functions, tested on CPU: which ONNX variant and builder flags give
 a precision on each TensorRT major (10: weak typing with FP16/INT8 flags; 11: strongly
-typed only, so precision comes from the fp16 or Q/DQ int8 ONNX), the profile shapes, the
-sidecar, and the one-line errors for a missing TensorRT, GPU or cuda-python. The build
+typed only, so precision comes from the fp16 or Q/DQ int8 ONNX), the profile shapes (a
+sequence model's over the batch and the length of every input), the sidecar, and the
+one-line errors for a missing TensorRT, GPU or cuda-python. The build
 (``build_serialized``) needs both and is tested on GPU hosts only (``pytest -m tensorrt``;
 ``scripts/gpu-check``); the built plan is run by the server's own runner
 (serving/trt_backend.py), so the stage measures what will be served.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from pipeline.artifacts import atomic_path
 from pipeline.errors import StageError
 from pipeline.params import EngineParams
 from serving.compat import EngineError
-from serving.contract import ModelContract
+from serving.contract import ModelContract, SequencePreprocessing
 from serving.trt_backend import TRT_DATATYPES, cuda_runtime
 
 TENSORRT_MISSING = (
@@ -61,6 +63,41 @@ def profile_shapes(input_shape: tuple[int, ...], params: EngineParams) -> Profil
     return Profile(
         (params.min_batch, *shape), (params.opt_batch, *shape), (params.max_batch, *shape)
     )
+
+
+def sequence_profiles(
+    shapes: Mapping[str, list[int]],
+    sequence: SequencePreprocessing,
+    opt_length: int | None,
+    params: EngineParams,
+) -> dict[str, Profile]:
+    """One profile per padded input: the batch from params, the sequence axis from the
+    contract's min_length..max_length, tuned for ``opt_length`` (the data's median length;
+    None: halfway). ``shapes``: the graph's input shapes, -1 for a dynamic dim."""
+    check_batches(params.min_batch, params.opt_batch, params.max_batch)
+    low, high = sequence.min_length, sequence.max_length
+    opt = (low + high) // 2 if opt_length is None else min(max(opt_length, low), high)
+    if not 1 <= low <= high:
+        raise StageError(f"the model's lengths {low}..{high} make no TensorRT profile")
+    profiles = {}
+    for padded in sequence.padded:
+        shape = list(shapes[padded.name])
+        fixed = [d for i, d in enumerate(shape) if i not in (0, padded.axis)]
+        if any(d < 1 for d in fixed):
+            raise StageError(
+                f"input {padded.name} {shape} has a dynamic dim besides the batch and its "
+                f"sequence axis {padded.axis}; TensorRT's profile needs it fixed"
+            )
+
+        def at(batch: int, length: int, shape: list[int] = shape, axis: int = padded.axis):
+            dims = [batch, *shape[1:]]
+            dims[axis] = length
+            return tuple(dims)
+
+        profiles[padded.name] = Profile(
+            at(params.min_batch, low), at(params.opt_batch, opt), at(params.max_batch, high)
+        )
+    return profiles
 
 
 def major_version(version: str) -> int:
@@ -110,6 +147,16 @@ def check_source(plan: BuildPlan, onnx_precision: str, onnx_path: Path, major: i
     )
 
 
+def check_int8_form(op_types: set[str], onnx_path: Path) -> None:
+    """TensorRT builds int8 from Q/DQ only; dynamic quantization's integer ops it cannot parse."""
+    dynamic = sorted(op_types & {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"})
+    if dynamic:
+        raise StageError(
+            f"{onnx_path.name} is dynamically quantized ({', '.join(dynamic)}), which TensorRT "
+            "cannot build; export with export.sequence_int8=static for a Q/DQ int8 model"
+        )
+
+
 def check_options(params: EngineParams, compute_capability: str) -> None:
     """Options this GPU cannot honour, caught before a long build."""
     major = int(compute_capability.split(".")[0])
@@ -136,12 +183,13 @@ def make_sidecar(
     tensorrt_version: str,
     gpu_name: str,
     compute_capability: str,
-    profile: Profile,
+    profile: Profile | Mapping[str, Profile],
     io: dict[str, list[dict[str, Any]]],
     onnx_file: str,
     onnx_sha256: str,
 ) -> dict[str, Any]:
-    """Everything a server needs besides the plan (see serving/contract.py)."""
+    """Everything a server needs besides the plan (see serving/contract.py). ``profile``:
+    an image model's one input's, or a sequence model's per input name."""
     metadata = dataclasses.replace(contract, precision=plan.precision).to_metadata()
     return {
         "format": "tensorrt",
@@ -157,7 +205,11 @@ def make_sidecar(
         "hardware_compatibility": params.hardware_compatibility,
         "version_compatible": params.version_compatible,
         "workspace_mib": params.workspace_mib,
-        "profile": profile.to_json(),
+        "profile": (
+            {name: p.to_json() for name, p in profile.items()}
+            if isinstance(profile, Mapping)
+            else profile.to_json()
+        ),
         **io,
         "onnx_file": onnx_file,
         "onnx_sha256": onnx_sha256,
@@ -218,7 +270,7 @@ def build_serialized(
     trt: Any,
     onnx_path: Path,
     plan: BuildPlan,
-    profile: Profile,
+    profile: Profile | Mapping[str, Profile],
     params: EngineParams,
     cache_file: Path | None,
 ) -> tuple[bytes, dict[str, list[dict[str, Any]]]]:
@@ -236,8 +288,10 @@ def build_serialized(
     for flag in plan.flags:
         config.set_flag(getattr(trt.BuilderFlag, flag))
     _set_compatibility(trt, config, params)
+    profiles = profile if isinstance(profile, Mapping) else {network.get_input(0).name: profile}
     trt_profile = builder.create_optimization_profile()
-    trt_profile.set_shape(network.get_input(0).name, profile.min, profile.opt, profile.max)
+    for name, shapes in profiles.items():
+        trt_profile.set_shape(name, shapes.min, shapes.opt, shapes.max)
     config.add_optimization_profile(trt_profile)
     _load_timing_cache(config, cache_file)
     serialized = builder.build_serialized_network(network, config)
