@@ -2,9 +2,9 @@
 
 Text: sentences over a dozen words, class ``spam`` when the word ``free`` appears, with a
 real word-level ``tokenizer.json`` ([PAD] 0, [UNK] 1) trained on those words. Series: C
-channels, the class is the frequency of a sine on channel 0, channel 1 carries an offset
-and scale that only standardisation removes. Lengths vary within each split, so padding
-and masks matter. Every split is generated from a seed: the same call gives the same files.
+channels, the class is the frequency and offset of a sine on channel 0; the other channels
+carry an offset and scale that only standardisation removes. Lengths vary within each
+split, so padding and masks matter. The same call writes the same files.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from pipeline.dataset import PAD_ID, SPLITS, TOKENIZER_FILE, Meta, Split, save_s
 WORDS = ("the", "a", "cat", "sat", "on", "mat", "dog", "ran", "to", "park", "big", "red")
 SIGNAL = "free"  # present in every spam row, absent from every ham row
 TEXT_CLASSES = ("ham", "spam")
-SERIES_CLASSES = ("slow", "medium", "fast")
+SERIES_CLASSES = ("slow_up", "fast", "slow_down")
+SERIES_PATTERNS = ((1, 1.0), (4, 0.0), (1, -1.0))  # per class: cycles per 16 steps, offset
 SIZES = {"train": 96, "val": 32, "test": 48}
 
 
@@ -80,7 +81,8 @@ def series_split(
     for i, (label, length) in enumerate(zip(labels, lengths, strict=True)):
         t = np.arange(length)
         phase = rng.uniform(0, 2 * np.pi)
-        x[i, 0, :length] = np.sin(2 * np.pi * (1 + 2 * label) * t / 16 + phase)
+        frequency, offset = SERIES_PATTERNS[label]
+        x[i, 0, :length] = np.sin(2 * np.pi * frequency * t / 16 + phase) + offset
         x[i, 1:, :length] = 5.0 + 3.0 * rng.standard_normal((channels - 1, length))
         x[i, :, :length] += 0.2 * rng.standard_normal((channels, length))
     return Split(x=x, y=labels, lengths=lengths)
