@@ -84,17 +84,17 @@ def classification_metrics(
 def accuracy_by_length(
     lengths: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray
 ) -> dict[str, dict[str, Any]]:
-    """Accuracy per quartile bucket of ``lengths``, keyed "min-max"; equal quartiles merge."""
+    """Accuracy per quartile bucket of ``lengths``, keyed bucket_1.. from the shortest up
+    (metrics.json sorts its keys); equal quartiles merge, so there may be fewer than four."""
     edges = np.unique(np.quantile(lengths, [0.25, 0.5, 0.75], method="lower"))
     # side="left": bucket i holds lengths in (edges[i-1], edges[i]], the last one the rest.
     buckets = np.searchsorted(edges, lengths, side="left")
     report = {}
-    for bucket in np.unique(buckets):
+    for number, bucket in enumerate(np.unique(buckets), start=1):
         members = buckets == bucket
-        low, high = int(lengths[members].min()), int(lengths[members].max())
-        report[f"{low}-{high}"] = {
-            "min_length": low,
-            "max_length": high,
+        report[f"bucket_{number}"] = {
+            "min_length": int(lengths[members].min()),
+            "max_length": int(lengths[members].max()),
             "count": int(members.sum()),
             "accuracy": round(float((y_true[members] == y_pred[members]).mean()), 6),
         }

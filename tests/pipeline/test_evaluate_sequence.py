@@ -50,7 +50,7 @@ def test_sequence_metrics_with_accuracy_by_length(tmp_path, trained, kind):
     assert sum(b["count"] for b in buckets.values()) == 48
     overall = sum(b["accuracy"] * b["count"] for b in buckets.values()) / 48
     assert overall == pytest.approx(metrics["accuracy"], abs=1e-5)
-    ranges = [(b["min_length"], b["max_length"]) for b in buckets.values()]
+    ranges = [(b["min_length"], b["max_length"]) for _, b in sorted(buckets.items())]
     assert ranges == sorted(ranges) and all(
         a[1] < b[0] for a, b in zip(ranges[:-1], ranges[1:], strict=True)
     )
@@ -66,13 +66,13 @@ def test_length_buckets_are_quartiles_and_merge_ties():
     y = np.zeros(8, dtype=np.int64)
     predicted = np.array([0, 0, 1, 1, 0, 0, 0, 1])
     assert accuracy_by_length(lengths, y, predicted) == {
-        "1-2": {"min_length": 1, "max_length": 2, "count": 2, "accuracy": 1.0},
-        "3-4": {"min_length": 3, "max_length": 4, "count": 2, "accuracy": 0.0},
-        "5-6": {"min_length": 5, "max_length": 6, "count": 2, "accuracy": 1.0},
-        "7-8": {"min_length": 7, "max_length": 8, "count": 2, "accuracy": 0.5},
+        "bucket_1": {"min_length": 1, "max_length": 2, "count": 2, "accuracy": 1.0},
+        "bucket_2": {"min_length": 3, "max_length": 4, "count": 2, "accuracy": 0.0},
+        "bucket_3": {"min_length": 5, "max_length": 6, "count": 2, "accuracy": 1.0},
+        "bucket_4": {"min_length": 7, "max_length": 8, "count": 2, "accuracy": 0.5},
     }
     same = accuracy_by_length(np.full(5, 150), np.zeros(5), np.zeros(5))
-    assert same == {"150-150": {"min_length": 150, "max_length": 150, "count": 5, "accuracy": 1.0}}
+    assert same == {"bucket_1": {"min_length": 150, "max_length": 150, "count": 5, "accuracy": 1.0}}
 
 
 def test_checkpoint_for_other_sequence_data(tmp_path, trained):
