@@ -14,7 +14,7 @@ import torch
 
 from pipeline.artifacts import atomic_path
 from pipeline.errors import StageError, step
-from pipeline.models import Classifier, ModelSpec
+from pipeline.models import ModelSpec, build_classifier
 
 FORMAT = "tensorferry-checkpoint/1"
 DEFAULT_CHECKPOINT = Path("models/checkpoint.pt")
@@ -31,9 +31,10 @@ class Checkpoint:
     params: dict[str, Any] = field(default_factory=dict)
     params_hash: str = ""
 
-    def build(self, source: str = "checkpoint") -> Classifier:
-        """The Classifier with these weights, in eval mode; a mismatch is a StageError."""
-        model = Classifier(self.spec, self.mean, self.std)
+    def build(self, source: str = "checkpoint") -> torch.nn.Module:
+        """The Classifier (images) or SequenceClassifier (text, series) with these weights,
+        in eval mode; a mismatch is a StageError."""
+        model = build_classifier(self.spec, self.mean, self.std)
         try:
             model.load_state_dict(self.state_dict)
         except RuntimeError as exc:

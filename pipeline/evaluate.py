@@ -1,4 +1,8 @@
-"""evaluate stage: test-split metrics, a confusion-matrix plot for DVC, and PNG figures."""
+"""evaluate stage: test-split metrics, a confusion-matrix plot for DVC, and PNG figures.
+
+Sequence data also gets its accuracy by length bucket (quartiles of the test lengths), since
+a sequence model's errors tend to gather at the short or the long end.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,9 @@ import typer
 
 from pipeline.artifacts import atomic_path, write_json
 from pipeline.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
-from pipeline.dataset import DEFAULT_DIR, load_meta, load_split
+from pipeline.dataset import DEFAULT_DIR, Meta, load_meta, load_split
 from pipeline.errors import StageError, exit_on_stage_error, run_command, step
+from pipeline.models import ModelSpec
 from pipeline.params import EvaluateParams, load_with_overrides
 from pipeline.train import DEFAULT_LIVE_DIR
 
@@ -21,11 +26,24 @@ DEFAULT_REPORTS = Path("reports")
 
 
 @torch.no_grad()
-def predict_probabilities(model: torch.nn.Module, x: np.ndarray, batch_size: int) -> np.ndarray:
-    chunks = [
-        torch.softmax(model(torch.from_numpy(x[start : start + batch_size])), dim=1)
-        for start in range(0, len(x), batch_size)
-    ]
+def predict_probabilities(
+    model: torch.nn.Module, x: np.ndarray, batch_size: int, lengths: np.ndarray | None = None
+) -> np.ndarray:
+    """Class probabilities; sequences (``lengths`` given) go in batches cut to their longest
+    row, with the mask, as in training."""
+    chunks = []
+    for start in range(0, len(x), batch_size):
+        batch = slice(start, start + batch_size)
+        if lengths is None:
+            inputs = [torch.from_numpy(x[batch])]
+        else:
+            steps = int(lengths[batch].max())
+            mask = np.arange(steps)[None, :] < lengths[batch, None]
+            inputs = [
+                torch.from_numpy(x[batch, ..., :steps]),
+                torch.from_numpy(mask.astype(np.int64)),
+            ]
+        chunks.append(torch.softmax(model(*inputs), dim=1))
     probabilities = torch.cat(chunks).double()
     # float32 softmax rows sum to 1 +- 1e-7; log_loss warns unless they sum to 1 in float64.
     return (probabilities / probabilities.sum(dim=1, keepdim=True)).numpy()
@@ -63,6 +81,47 @@ def classification_metrics(
     }
 
 
+def accuracy_by_length(
+    lengths: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray
+) -> dict[str, dict[str, Any]]:
+    """Accuracy per quartile bucket of ``lengths``, keyed bucket_1.. from the shortest up
+    (metrics.json sorts its keys); equal quartiles merge, so there may be fewer than four."""
+    edges = np.unique(np.quantile(lengths, [0.25, 0.5, 0.75], method="lower"))
+    # side="left": bucket i holds lengths in (edges[i-1], edges[i]], the last one the rest.
+    buckets = np.searchsorted(edges, lengths, side="left")
+    report = {}
+    for number, bucket in enumerate(np.unique(buckets), start=1):
+        members = buckets == bucket
+        report[f"bucket_{number}"] = {
+            "min_length": int(lengths[members].min()),
+            "max_length": int(lengths[members].max()),
+            "count": int(members.sum()),
+            "accuracy": round(float((y_true[members] == y_pred[members]).mean()), 6),
+        }
+    return report
+
+
+def check_fits(spec: ModelSpec, meta: Meta, source: Path) -> None:
+    """The checkpoint must take this data: same kind, and the same input the network sees
+    (image shape, series channels, text vocabulary); sequences may differ in length."""
+    if spec.kind != meta.kind:
+        raise StageError(
+            f"checkpoint {source} was trained on {spec.kind} data but the prepared data is "
+            f"{meta.kind}; retrain"
+        )
+    expected, got = {
+        "image": (list(spec.input_shape), list(meta.input_shape)),
+        "series": (spec.channels, meta.input_shape[0]),
+        "text": (spec.vocab_size, meta.vocab_size),
+    }[meta.kind]
+    if expected != got:
+        what = {"image": "input", "series": "channels", "text": "vocabulary size"}[meta.kind]
+        raise StageError(
+            f"checkpoint {source} expects {what} {expected} but the prepared data has {got}; "
+            "retrain"
+        )
+
+
 def evaluate(
     params: EvaluateParams,
     data_dir: Path = DEFAULT_DIR,
@@ -72,21 +131,19 @@ def evaluate(
 ) -> dict[str, Any]:
     meta = load_meta(data_dir)
     checkpoint = load_checkpoint(checkpoint_path)
-    if checkpoint.spec.input_shape != meta.input_shape:
-        raise StageError(
-            f"checkpoint {checkpoint_path} expects input {list(checkpoint.spec.input_shape)} "
-            f"but the prepared data is {list(meta.input_shape)}; retrain"
-        )
+    check_fits(checkpoint.spec, meta, checkpoint_path)
     if checkpoint.class_names != meta.class_names:
         raise StageError(f"checkpoint {checkpoint_path} was trained on other classes; retrain")
     with step("build model"):
         model = checkpoint.build(str(checkpoint_path))
     with step("predict"):
         test = load_split("test", data_dir)
-        probabilities = predict_probabilities(model, test.x, params.batch_size)
+        probabilities = predict_probabilities(model, test.x, params.batch_size, test.lengths)
+    predicted = probabilities.argmax(axis=1)
     with step("metrics"):
         metrics = classification_metrics(test.y, probabilities, meta.class_names)
-    predicted = probabilities.argmax(axis=1)
+        if test.lengths is not None:
+            metrics["by_length"] = accuracy_by_length(test.lengths, test.y, predicted)
     write_json(reports / "metrics.json", metrics)
     write_json(
         reports / "confusion.json",

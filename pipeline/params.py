@@ -43,9 +43,16 @@ class DataParams:
 
 @dataclasses.dataclass(frozen=True)
 class ModelParams:
-    name: Literal["seed_cnn", "resnet", "mlp"] = "seed_cnn"
-    width: int = 32  # resnet: channels of the first stage
+    # seed_cnn, resnet, mlp: images; gru, lstm, transformer, cnn1d: text and series
+    name: Literal["seed_cnn", "resnet", "mlp", "gru", "lstm", "transformer", "cnn1d"] = "seed_cnn"
+    # resnet: channels of the first stage; gru/lstm: hidden size; transformer: model dims;
+    # cnn1d: a quarter of the first conv's channels; text: also the embedding size
+    width: int = 32
     hidden: tuple[int, ...] = (256, 128)  # mlp: hidden layer sizes
+    layers: int = 2  # gru/lstm: stacked RNN layers; transformer: encoder blocks
+    bidirectional: bool = True  # gru/lstm: add a backward direction
+    dropout: float = 0.1  # sequence models: dropout rate
+    heads: int = 4  # transformer: attention heads (width must be a multiple)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +65,7 @@ class TrainParams:
     weight_decay: float = 0.0
     schedule: Literal["constant", "cosine", "onecycle"] = "onecycle"
     label_smoothing: float = 0.0
-    augment: bool = True  # random translation by up to 2 pixels
+    augment: bool = True  # images only: random translation by up to 2 pixels
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
 

@@ -1,9 +1,10 @@
 """train stage: fit the configured model on the prepared train split, log curves, checkpoint.
 
-The whole data set lives on the training device as uint8 when it fits, batches are
-drawn with a seeded generator, and on CPU the run is deterministic: the same params
-and data give the same weights and metrics. On CUDA the step runs in bf16 autocast
-with channels_last tensors.
+The whole data set lives on the training device as stored (uint8 pixels, token ids, raw
+series) when it fits, batches are drawn with a seeded generator, and on CPU the run is
+deterministic: the same params and data give the same weights and metrics. Sequence
+batches are cut to their longest row and carry a mask from the lengths; only images are
+augmented. On CUDA the step runs in bf16 autocast, images as channels_last tensors.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pipeline.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, save_checkpoint
 from pipeline.dataset import DEFAULT_DIR, Meta, Split, load_meta, load_split
 from pipeline.distributed import World, all_sum, process_group, shard_batches, world_from_env
 from pipeline.errors import StageError, exit_on_stage_error, run_command, step
-from pipeline.models import Classifier, ModelSpec
+from pipeline.models import ModelSpec, build_classifier
 from pipeline.params import ModelParams, TrainParams, as_dict, load_with_overrides
 
 DEFAULT_LIVE_DIR = Path("dvclive")
@@ -36,7 +37,7 @@ class EpochStats:
     train_acc: float
     val_loss: float
     val_acc: float
-    images_per_s: float
+    samples_per_s: float
 
 
 # ---------------------------------------------------------------- setup
@@ -51,13 +52,26 @@ def pick_device(requested: str, world: World) -> torch.device:
     return torch.device("cuda", world.local_rank)
 
 
-def _to_device(split: Split, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class Tensors:
+    """A split as tensors; ``lengths`` (sequences) always on the training device."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    lengths: torch.Tensor | None
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def _to_device(split: Split, device: torch.device) -> Tensors:
     x, y = torch.from_numpy(split.x), torch.from_numpy(split.y)
+    lengths = None if split.lengths is None else torch.from_numpy(split.lengths).to(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        if x.numel() > free // 2:  # leave room for activations; stream batches instead
-            return x.pin_memory(), y.pin_memory()
-    return x.to(device), y.to(device)
+        if x.element_size() * x.numel() > free // 2:  # leave room for activations; stream
+            return Tensors(x.pin_memory(), y.pin_memory(), lengths)
+    return Tensors(x.to(device), y.to(device), lengths)
 
 
 def build_optimizer(model: nn.Module, params: TrainParams) -> torch.optim.Optimizer:
@@ -118,10 +132,17 @@ class Trainer:
             num_classes=len(meta.class_names),
             width=model_params.width,
             hidden=model_params.hidden,
+            kind=meta.kind,
+            vocab_size=meta.vocab_size,
+            layers=model_params.layers,
+            bidirectional=model_params.bidirectional,
+            dropout=model_params.dropout,
+            heads=model_params.heads,
         )
-        self.model = Classifier(self.spec, meta.mean, meta.std).to(self.device)
+        self.model = build_classifier(self.spec, meta.mean, meta.std).to(self.device)
         self.cuda = self.device.type == "cuda"
-        if self.cuda:
+        self.augment = params.augment and not meta.is_sequence
+        if self.cuda and not meta.is_sequence:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.step_model = self._wrap_for_ddp(self.model)
         # The batch order must agree across ranks; the augmentation must not.
@@ -141,35 +162,43 @@ class Trainer:
             return DistributedDataParallel(model, device_ids=[self.device.index])
         return DistributedDataParallel(model)
 
-    def _batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        if self.cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, y
+    def _batch(self, data: Tensors, index: torch.Tensor | slice) -> tuple[list, torch.Tensor]:
+        """The model's inputs for the rows ``index`` and their labels, on the device."""
+        x, y = data.x[index], data.y[index].to(self.device, non_blocking=True)
+        if data.lengths is None:
+            x = x.to(self.device, non_blocking=True)
+            if self.cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return [x], y
+        # Cut to the batch's longest row: the padding after it is masked anyway.
+        lengths = data.lengths[index]
+        steps = int(lengths.max())
+        x = x[..., :steps].to(self.device, non_blocking=True)
+        mask = torch.arange(steps, device=self.device)[None, :] < lengths[:, None]
+        return [x, mask.to(torch.int64)], y
 
-    def _forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, model: nn.Module, inputs: list) -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
-            return model(x).float()
+            return model(*inputs).float()
 
     @step("fit")
     def fit(self, train: Split, val: Split, on_epoch) -> None:  # noqa: ANN001 - callback
-        x_train, y_train = _to_device(train, self.device)
-        x_val, y_val = _to_device(val, self.device)
-        steps_per_epoch = math.ceil(len(y_train) / self.params.batch_size)
+        train_data, val_data = _to_device(train, self.device), _to_device(val, self.device)
+        steps_per_epoch = math.ceil(len(train_data) / self.params.batch_size)
         optimizer = build_optimizer(self.step_model, self.params)
         schedule = build_schedule(optimizer, self.params, steps_per_epoch * self.params.epochs)
         for epoch in range(1, self.params.epochs + 1):
             started = time.perf_counter()
-            loss, acc = self._train_epoch(x_train, y_train, optimizer, schedule, epoch)
+            loss, acc = self._train_epoch(train_data, optimizer, schedule, epoch)
             elapsed = time.perf_counter() - started
-            val_loss, val_acc = self.evaluate(x_val, y_val)
-            on_epoch(epoch, EpochStats(loss, acc, val_loss, val_acc, len(y_train) / elapsed))
+            val_loss, val_acc = self.evaluate(val_data)
+            on_epoch(epoch, EpochStats(loss, acc, val_loss, val_acc, len(train_data) / elapsed))
 
-    def _train_epoch(self, x, y, optimizer, schedule, epoch: int) -> tuple[float, float]:  # noqa: ANN001
+    def _train_epoch(self, data: Tensors, optimizer, schedule, epoch: int) -> tuple[float, float]:  # noqa: ANN001
         from tqdm import tqdm
 
         self.step_model.train()
-        order = torch.randperm(len(y), generator=self.order_generator)
+        order = torch.randperm(len(data), generator=self.order_generator)
         batches = shard_batches(order, self.params.batch_size, self.world)
         total_loss, correct, seen = 0.0, 0, 0
         bar = tqdm(
@@ -180,10 +209,10 @@ class Trainer:
             disable=not self.world.is_main,
         )
         for index in bar:
-            xb, yb = self._batch(x[index], y[index])
-            if self.params.augment:
-                xb = random_translate(xb, self.augment_generator)
-            logits = self._forward(self.step_model, xb)
+            inputs, yb = self._batch(data, index)
+            if self.augment:
+                inputs[0] = random_translate(inputs[0], self.augment_generator)
+            logits = self._forward(self.step_model, inputs)
             loss = self.loss_fn(logits, yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -197,16 +226,16 @@ class Trainer:
         return total_loss / seen, correct / seen
 
     @torch.no_grad()
-    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    def evaluate(self, data: Tensors) -> tuple[float, float]:
         """Every rank scores the whole validation split, so all ranks agree without talking."""
         self.model.eval()
         total_loss, correct = 0.0, 0
-        for start in range(0, len(y), 512):
-            xb, yb = self._batch(x[start : start + 512], y[start : start + 512])
-            logits = self._forward(self.model, xb)
+        for start in range(0, len(data), 512):
+            inputs, yb = self._batch(data, slice(start, start + 512))
+            logits = self._forward(self.model, inputs)
             total_loss += float(F.cross_entropy(logits, yb, reduction="sum"))
             correct += int((logits.argmax(1) == yb).sum())
-        return total_loss / len(y), correct / len(y)
+        return total_loss / len(data), correct / len(data)
 
 
 def train(
@@ -268,7 +297,7 @@ def _fit_logged(
             typer.echo(
                 f"epoch {epoch}/{epochs}: train loss {stats.train_loss:.4f} "
                 f"acc {stats.train_acc:.4f} | val loss {stats.val_loss:.4f} "
-                f"acc {stats.val_acc:.4f} | {stats.images_per_s:,.0f} img/s",
+                f"acc {stats.val_acc:.4f} | {stats.samples_per_s:,.0f} samples/s",
                 err=True,
             )
 
