@@ -418,7 +418,8 @@ def _check_sequence_io(sequence: SequencePreprocessing, signature: Signature, so
 #   "precision", "inputs"/"outputs": [{"name", "dtype", "shape"}]
 #   onnxruntime only: "flush_denormals": bool, what the accuracy run used (serving/denormals.py)
 #   TensorRT only: "tensorrt_version", "gpu_name", "compute_capability" ("8.6"),
-#                  "profile": {"min": [..], "opt": [..], "max": [..]}
+#                  "profile": {"min": [..], "opt": [..], "max": [..]} (images: the input's
+#                  shapes); sequence models: {<input name>: {"min", "opt", "max"}} per input
 # A TensorRT plan without a sidecar is served from the engine's own I/O and profile, with
 # no host check before deserializing (TensorRT's own error says what mismatched).
 SIDECAR_SUFFIX = ".json"
