@@ -269,7 +269,7 @@ class RecurrentNet(nn.Module):
         sizes = [input_size] + [spec.width * directions] * (spec.layers - 1)
         self.forward_rnns = nn.ModuleList(cell(s, spec.width, batch_first=True) for s in sizes)
         self.backward_rnns = nn.ModuleList(
-            cell(s, spec.width, batch_first=True) for s in sizes[: len(sizes) * (directions - 1)]
+            cell(s, spec.width, batch_first=True) for s in (sizes if spec.bidirectional else ())
         )
         self.dropout = nn.Dropout(spec.dropout)
         self.head = nn.Linear(spec.width * directions, spec.num_classes)
@@ -425,6 +425,14 @@ SEQUENCE_REGISTRY: dict[str, Callable[[ModelSpec, int], nn.Module]] = {
 }
 
 
+def _check_sizes(spec: ModelSpec) -> None:
+    for key in ("width", "layers", "heads"):
+        if getattr(spec, key) < 1:
+            raise StageError(f"model.{key} must be at least 1, got {getattr(spec, key)}")
+    if not 0 <= spec.dropout < 1:
+        raise StageError(f"model.dropout must be in [0, 1), got {spec.dropout}")
+
+
 class SequenceClassifier(nn.Module):
     """Token ids (text, int64 [N, L]) or raw values (series, float32 [N, C, T]) and a mask
     (int64 [N, T], 1 real, 0 pad) in, logits out.
@@ -437,6 +445,7 @@ class SequenceClassifier(nn.Module):
     def __init__(self, spec: ModelSpec, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         _check_kind(spec)
+        _check_sizes(spec)
         self.kind = spec.kind
         if spec.kind == "text":
             self.embed = nn.Embedding(spec.vocab_size, spec.width, padding_idx=0)

@@ -192,9 +192,17 @@ def test_model_of_the_wrong_kind_is_one_clear_error(name, kind, message):
         )
 
 
-def test_heads_must_divide_width():
-    with pytest.raises(StageError, match=r"model.width \(10\) must be a multiple of model.heads"):
-        model("transformer", "text", width=10, heads=4)
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"width": 10, "heads": 4}, r"model.width \(10\) must be a multiple of model.heads"),
+        ({"layers": 0}, "model.layers must be at least 1, got 0"),
+        ({"dropout": 1.0}, r"model.dropout must be in \[0, 1\), got 1.0"),
+    ],
+)
+def test_bad_sizes_are_clear_errors(overrides, message):
+    with pytest.raises(StageError, match=message):
+        model("transformer", "text", **overrides)
 
 
 def test_specs_round_trip_and_old_checkpoints_read_as_images():
