@@ -1,13 +1,8 @@
 """int8 for sequence models on ONNX Runtime CPU: dynamic quantization vs static Q/DQ.
 
-Claim (README params table, export.sequence_int8): dynamic quantization of MatMul/Gemm is
-the faster int8 for our sequence models on CPU, within the accuracy budget; static Q/DQ
-(which TensorRT needs) is the alternative. Measured on a shared 2-core Xeon (torch 2.13,
-ORT 1.32, batch 64 x 128; two runs, medians of 7 and 9, spreads up to +-40%): GRU dynamic
-0.94-1.09x fp32, static 0.64-1.03x (the GRU op stays float in both, so little is left to
-gain; top-1 vs fp32 99.8% / 99.4%); transformer dynamic 1.18-1.34x (99.4%), static
-0.46-0.85x, and its MinMax calibration of the attention's masked scores costs it 41% top-1
-agreement (the accuracy gate would refuse it).
+Claim (export.sequence_int8): dynamic quantization of MatMul/Gemm is the faster int8 for
+our sequence models on CPU, within the accuracy budget; static Q/DQ (which TensorRT needs)
+is the alternative. Current figures: docs/benchmarks.md.
 
 Both models are exported by the export stage's own code
 (pipeline/export_sequence.py) from a text classifier of realistic size: a GRU
