@@ -66,7 +66,8 @@ SYLLABLES = [
 ]
 
 # Cycles through pre-formatted requests (one file each), so the load varies in length.
-WRK_SCRIPT = """
+WRK_SCRIPT = (
+    """
 local files = {}
 for line in io.lines(os.getenv("BENCH_INDEX")) do files[#files + 1] = line end
 local requests, i = {}, 0
@@ -89,14 +90,9 @@ function request()
   i = i % #requests + 1
   return requests[i]
 end
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    '{"requests":%d,"seconds":%f,"non2xx":%d,"socket_errors":%d,"p50_ms":%f,"p99_ms":%f}\\n',
-    summary.requests, summary.duration / 1e6, e.status, e.connect + e.read + e.write + e.timeout,
-    latency:percentile(50) / 1e3, latency:percentile(99) / 1e3))
-end
 """
+    + bench.WRK_REPORT
+)
 
 
 def words(rng: np.random.Generator, count: int) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -167,16 +166,10 @@ def main() -> None:
             directory = Path(tmp) / type(model).__name__
             directory.mkdir()
             results += measure(model, args, directory)
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
+    from bench_pipeline import machine
+
     print(
-        f"{cpu}; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; "
+        f"{machine()}, onnxruntime {onnxruntime.__version__}; "
         f"batch {args.batch} x length {LENGTH}, {args.threads or 'all'} threads, "
         f"median of {args.runs}"
     )

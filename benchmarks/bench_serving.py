@@ -43,14 +43,8 @@ from serving.contract import (  # noqa: E402
 
 SHAPE = (3, 32, 32)
 
-WRK_SCRIPT = """
-local f = io.open(os.getenv("BENCH_BODY"), "rb")
-wrk.method = "POST"
-wrk.body = f:read("*a")
-f:close()
-wrk.headers["Content-Type"] = "application/octet-stream"
-wrk.headers["Inference-Header-Content-Length"] = os.getenv("BENCH_HEADER_LENGTH")
-function done(summary, latency, requests)
+# wrk's summary as one JSON line, which run_wrk parses; other benchmarks reuse it.
+WRK_REPORT = """function done(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
     '{"requests":%d,"seconds":%f,"non2xx":%d,"socket_errors":%d,"p50_ms":%f,"p99_ms":%f}\\n',
@@ -58,6 +52,15 @@ function done(summary, latency, requests)
     latency:percentile(50) / 1e3, latency:percentile(99) / 1e3))
 end
 """
+WRK_SCRIPT = """
+local f = io.open(os.getenv("BENCH_BODY"), "rb")
+wrk.method = "POST"
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = "application/octet-stream"
+wrk.headers["Inference-Header-Content-Length"] = os.getenv("BENCH_HEADER_LENGTH")
+"""
+WRK_SCRIPT += WRK_REPORT
 
 
 # Model ------------------------------------------------------------------------------------------
