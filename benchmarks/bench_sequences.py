@@ -47,7 +47,7 @@ SERIES_RUNS = {
 }
 TEXT_RUNS = {
     "gru": {"model": {"name": "gru", "width": 64}, "train": {"epochs": 15}},
-    "lstm": {"model": {"name": "lstm", "width": 64}, "train": {"epochs": 15}},
+    "lstm": {"model": {"name": "lstm", "width": 128}, "train": {"epochs": 15}},
     "transformer": {
         "model": {"name": "transformer", "width": 64},
         "train": {"epochs": 15, "lr": 0.001},
