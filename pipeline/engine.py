@@ -286,8 +286,9 @@ def staged_outputs(out: Path, target: str) -> Iterator[tuple[Path, Path]]:
 @step("accuracy run")
 def evaluate_engine(run: Runner, source: Source, data_dir: Path, batch_size: int) -> dict[str, Any]:
     """Accuracy on the test split, and agreement with the fp32 ONNX model (when present)."""
-    test = load_split("test", data_dir)
-    runs = _split_runner(source, test, data_dir, batch_size)
+    kind = load_meta(data_dir).kind
+    test = load_split("test", data_dir, kind)
+    runs = _split_runner(source, test, kind, data_dir, batch_size)
     logits = runs(run)
     figures: dict[str, Any] = {
         "images" if source.contract.sequence is None else "sequences": len(test.y),
@@ -308,7 +309,7 @@ def evaluate_engine(run: Runner, source: Source, data_dir: Path, batch_size: int
 
 
 def _split_runner(
-    source: Source, test: Any, data_dir: Path, batch_size: int
+    source: Source, test: Any, kind: str, data_dir: Path, batch_size: int
 ) -> Callable[[Runner], np.ndarray]:
     """How a runner goes over the test split: all images at once (the runner batches), or
     a sequence model's rows by length in trimmed batches."""
@@ -320,7 +321,6 @@ def _split_runner(
                 f"{list(source.contract.image.shape)}"
             )
         return lambda run: run(test.x)
-    kind = load_meta(data_dir).kind
     if kind != sequence.kind or test.x.shape[-1] > sequence.max_length:
         raise StageError(
             f"{data_dir} holds {kind} data of length {test.x.shape[-1]}, the model takes "

@@ -174,11 +174,7 @@ def image_builders(
         )
         quantize.quantize_int8(fp32, dst, quantize.image_batches(sample, INPUT_NAME))
 
-    @step("fp16 conversion")
-    def fp16(fp32: Path, dst: Path) -> None:
-        quantize.convert_fp16(fp32, dst)
-
-    return {"int8": int8, "fp16": fp16}
+    return {"int8": int8, "fp16": quantize.convert_fp16}
 
 
 # The stage
@@ -279,7 +275,7 @@ def export_built(
     """Export a built model of ``meta``'s kind into ``out`` (all files or none)."""
     check_opset(params.opset)
     with step("load data"):
-        test = None if meta.is_sequence else load_split("test", data_dir)
+        test = None if meta.is_sequence else load_split("test", data_dir, meta.kind)
     with atomic_path(out) as tmp:
         tmp.mkdir()
         if test is None:
@@ -311,7 +307,7 @@ def _export_all(
         parity, fp32_logits = measure_parity(model, fp32, x, params.batch_size)
         require_parity(parity, params.parity_atol)
     variants = {"fp32": variant_report(fp32, fp32_logits, fp32_logits, y)}
-    builders = image_builders(lambda: load_split("train", data_dir).x, params)
+    builders = image_builders(lambda: load_split("train", data_dir, "image").x, params)
     for name in (v for v in ("int8", "fp16") if v in params.variants):
         dst = out / VARIANT_FILES[name]
         build_variant(name, fp32, dst, contract, builders[name])

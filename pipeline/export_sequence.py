@@ -322,14 +322,10 @@ def variant_builders(
         if params.sequence_int8 == "dynamic":
             quantize.quantize_int8_dynamic(fp32, dst)
             return
-        train = load_split("train", data_dir)
+        train = load_split("train", data_dir, kind)
         quantize.quantize_int8(fp32, dst, calibration_feeds(train, kind, params))
 
-    @step("fp16 conversion")
-    def fp16(fp32: Path, dst: Path) -> None:
-        quantize.convert_fp16(fp32, dst)
-
-    return {"int8": int8, "fp16": fp16}
+    return {"int8": int8, "fp16": quantize.convert_fp16}
 
 
 # The stage's sequence path
@@ -345,7 +341,7 @@ def export_all(
 ) -> dict[str, Any]:
     """Every file of the export into ``out`` (a fresh directory); returns the report."""
     metadata = contract.to_metadata()
-    test = load_split("test", data_dir)
+    test = load_split("test", data_dir, meta.kind)
     fp32 = out / onnx_tools.VARIANT_FILES["fp32"]
     start = time.perf_counter()
     with step("export fp32"):

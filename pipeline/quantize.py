@@ -200,6 +200,7 @@ def _prune_initializers(graph: Any) -> None:
         graph.initializer.remove(initializer)
 
 
+@step("fp16 conversion")
 def convert_fp16(src: Path, dst: Path) -> None:
     """fp16 weights and activations, the inputs' and outputs' types kept.
 
