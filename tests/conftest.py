@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -57,3 +59,9 @@ def write_prepared(directory: Path, per_class: int = 40, size: int = 20) -> Path
 @pytest.fixture(scope="session")
 def prepared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_prepared(tmp_path_factory.mktemp("data") / "prepared")
+
+
+def run_prepare(params: Path, out: Path) -> subprocess.CompletedProcess:
+    """`python -m pipeline.prepare --params PARAMS --out OUT`, its output captured."""
+    command = [sys.executable, "-m", "pipeline.prepare", "--params", str(params), "--out", str(out)]
+    return subprocess.run(command, capture_output=True, text=True)

@@ -6,7 +6,7 @@ import typer
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, run_prepare
 
 
 def test_every_stage_is_a_subcommand_with_help():
@@ -53,11 +53,7 @@ def test_bad_params_give_one_line_and_exit_1(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("data:\n  source: mnist\n")
     out = tmp_path / "out"
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline.prepare", "--params", str(params), "--out", str(out)],
-        capture_output=True,
-        text=True,
-    )
+    result = run_prepare(params, out)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "error: params: data.source must be one of 'digits', 'cifar10', 'imagefolder', 'text', "

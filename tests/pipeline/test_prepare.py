@@ -1,8 +1,6 @@
 import io
 import json
 import pickle
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -14,7 +12,7 @@ from pipeline.errors import StageError
 from pipeline.params import DataParams
 from pipeline.prepare import prepare
 from pipeline.sources import md5_file
-from tests.conftest import write_imagefolder
+from tests.conftest import run_prepare, write_imagefolder
 
 
 def test_digits_default_is_stratified_and_described(tmp_path):
@@ -73,12 +71,8 @@ def test_every_conversion_is_printed_and_recorded(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(f"data:\n  source: imagefolder\n  path: {root}\n  image_size: 20\n")
     out = tmp_path / "out"
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline.prepare", "--params", str(params), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    result = run_prepare(params, out)
+    assert result.returncode == 0, result.stderr
     notes = [
         "converted 1 images from grayscale to RGB (the first image's)",
         "resized 1 images from 30x30 to 20x20 (data.image_size)",

@@ -1,5 +1,3 @@
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +7,7 @@ from pipeline.dataset import load_meta, load_split
 from pipeline.errors import StageError
 from pipeline.params import DataParams
 from pipeline.prepare import prepare
+from tests.conftest import run_prepare
 
 
 def ts_file(path: Path, cases: list[tuple[list[list[float]], str]], labels: str = "a b") -> Path:
@@ -213,19 +212,7 @@ def test_bad_paths(tmp_path):
 def test_cli_prints_one_line_for_bad_input(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("data:\n  source: series\n  dataset: NoSuchSet\n")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.prepare",
-            "--params",
-            str(params),
-            "--out",
-            str(tmp_path / "o"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    result = run_prepare(params, tmp_path / "o")
     assert result.returncode == 1
     (line,) = result.stderr.splitlines()
     assert line.startswith("error: data.dataset 'NoSuchSet' is not a classification set")

@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +8,7 @@ from pipeline.dataset import PAD_ID, TOKENIZER_FILE, load_meta, load_split
 from pipeline.errors import StageError
 from pipeline.params import DataParams
 from pipeline.prepare import prepare
+from tests.conftest import run_prepare
 
 WORDS = {
     "ham": ["see you at lunch", "call me when you are home", "the meeting moved to noon"],
@@ -271,18 +270,6 @@ def test_cli_prints_one_line_for_bad_input(tmp_path):
     path = write_tsv(tmp_path / "sms.tsv", rows(5))
     params = tmp_path / "params.yaml"
     params.write_text(f"data:\n  source: text\n  path: {path}\n  text_columns: [sms]\n")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.prepare",
-            "--params",
-            str(params),
-            "--out",
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    result = run_prepare(params, tmp_path / "out")
     assert result.returncode == 1
     assert result.stderr.splitlines() == [f"error: {path}:2: no column 'sms' (columns: Label, SMS)"]
