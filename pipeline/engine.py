@@ -286,8 +286,9 @@ def staged_outputs(out: Path, target: str) -> Iterator[tuple[Path, Path]]:
 @step("accuracy run")
 def evaluate_engine(run: Runner, source: Source, data_dir: Path, batch_size: int) -> dict[str, Any]:
     """Accuracy on the test split, and agreement with the fp32 ONNX model (when present)."""
-    kind = load_meta(data_dir).kind
-    test = load_split("test", data_dir, kind)
+    meta = load_meta(data_dir)
+    kind = meta.kind
+    test = load_split("test", data_dir, meta)
     runs = _split_runner(source, test, kind, data_dir, batch_size)
     logits = runs(run)
     figures: dict[str, Any] = {

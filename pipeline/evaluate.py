@@ -137,7 +137,7 @@ def evaluate(
     with step("build model"):
         model = checkpoint.build(str(checkpoint_path))
     with step("predict"):
-        test = load_split("test", data_dir, meta.kind)
+        test = load_split("test", data_dir, meta)
         probabilities = predict_probabilities(model, test.x, params.batch_size, test.lengths)
     predicted = probabilities.argmax(axis=1)
     with step("metrics"):

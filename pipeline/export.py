@@ -275,7 +275,7 @@ def export_built(
     """Export a built model of ``meta``'s kind into ``out`` (all files or none)."""
     check_opset(params.opset)
     with step("load data"):
-        test = None if meta.is_sequence else load_split("test", data_dir, meta.kind)
+        test = None if meta.is_sequence else load_split("test", data_dir, meta)
     with atomic_path(out) as tmp:
         tmp.mkdir()
         if test is None:
@@ -307,7 +307,7 @@ def _export_all(
         parity, fp32_logits = measure_parity(model, fp32, x, params.batch_size)
         require_parity(parity, params.parity_atol)
     variants = {"fp32": variant_report(fp32, fp32_logits, fp32_logits, y)}
-    builders = image_builders(lambda: load_split("train", data_dir, "image").x, params)
+    builders = image_builders(lambda: load_split("train", data_dir).x, params)
     for name in (v for v in ("int8", "fp16") if v in params.variants):
         dst = out / VARIANT_FILES[name]
         build_variant(name, fp32, dst, contract, builders[name])

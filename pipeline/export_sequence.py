@@ -322,7 +322,7 @@ def variant_builders(
         if params.sequence_int8 == "dynamic":
             quantize.quantize_int8_dynamic(fp32, dst)
             return
-        train = load_split("train", data_dir, kind)
+        train = load_split("train", data_dir)
         quantize.quantize_int8(fp32, dst, calibration_feeds(train, kind, params))
 
     return {"int8": int8, "fp16": quantize.convert_fp16}
@@ -341,7 +341,7 @@ def export_all(
 ) -> dict[str, Any]:
     """Every file of the export into ``out`` (a fresh directory); returns the report."""
     metadata = contract.to_metadata()
-    test = load_split("test", data_dir, meta.kind)
+    test = load_split("test", data_dir, meta)
     fp32 = out / onnx_tools.VARIANT_FILES["fp32"]
     start = time.perf_counter()
     with step("export fp32"):

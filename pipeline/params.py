@@ -19,13 +19,16 @@ from typing import Any, Literal, TypeVar
 from pipeline.errors import StageError
 
 DEFAULT_PARAMS = Path("params.yaml")
+DATA_SOURCES = ("digits", "cifar10", "imagefolder", "text", "series", "tabular")
+MODEL_NAMES = ("seed_cnn", "resnet", "mlp", "gru", "lstm", "transformer", "cnn1d")
 
 T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataParams:
-    source: Literal["digits", "cifar10", "imagefolder", "text", "series"] = "digits"
+    # one of DATA_SOURCES, or "package.module:loader" (pipeline/user_data.py)
+    source: str = "digits"
     path: str | None = None  # archive (cifar10), root directory (imagefolder), file or folder
     image_size: int | None = None  # square resize; None keeps the source's own size
     channels: Literal[1, 3] | None = None  # None keeps the source's own channel count
@@ -38,21 +41,51 @@ class DataParams:
     vocab_size: int = 8000  # text: BPE vocabulary, [PAD] and [UNK] included
     max_length: int = 64  # text: tokens per row; longer texts are truncated
     lowercase: bool = True  # text: also strips accents
-    dataset: str | None = None  # series: a classification set bundled with aeon, e.g. GunPoint
+    # series: a classification set bundled with aeon, e.g. GunPoint; tabular: a set bundled
+    # with scikit-learn (wine, breast_cancer, iris, diabetes)
+    dataset: str | None = None
+    # tabular files: the feature columns (None: every column but label_column), which of
+    # them are categorical (one-hot encoded; the rest must be numeric), and what a file's
+    # target is (None: classification; a bundled set or a user loader says its own)
+    feature_columns: tuple[str, ...] | None = None
+    categorical_columns: tuple[str, ...] = ()
+    task: Literal["classification", "regression"] | None = None
+    missing: Literal["refuse", "impute"] = "refuse"  # tabular: NaN / empty cells
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # user loader's, verbatim
+
+    def __post_init__(self) -> None:
+        if self.source not in DATA_SOURCES and not is_import_path(self.source):
+            choices = ", ".join(repr(s) for s in DATA_SOURCES)
+            raise StageError(
+                f"params: data.source must be one of {choices} or 'package.module:loader', "
+                f"got {self.source!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelParams:
-    # seed_cnn, resnet, mlp: images; gru, lstm, transformer, cnn1d: text and series
-    name: Literal["seed_cnn", "resnet", "mlp", "gru", "lstm", "transformer", "cnn1d"] = "seed_cnn"
+    # seed_cnn, resnet: images; mlp: images and tabular; gru, lstm, transformer, cnn1d: text
+    # and series; or "package.module:factory", a user's model (pipeline/user_model.py)
+    name: str = "seed_cnn"
     # resnet: channels of the first stage; gru/lstm: hidden size; transformer: model dims;
     # cnn1d: a quarter of the first conv's channels; text: also the embedding size
     width: int = 32
-    hidden: tuple[int, ...] = (256, 128)  # mlp: hidden layer sizes
+    hidden: tuple[int, ...] = (256, 128)  # mlp: hidden layer sizes (their count is its depth)
     layers: int = 2  # gru/lstm: stacked RNN layers; transformer: encoder blocks
     bidirectional: bool = True  # gru/lstm: add a backward direction
-    dropout: float = 0.1  # sequence models: dropout rate
+    dropout: float = 0.1  # sequence models and mlp: dropout rate
     heads: int = 4  # transformer: attention heads (width must be a multiple)
+    batch_norm: bool = True  # mlp: BatchNorm1d after each hidden layer
+    # A user factory's own settings: the one untyped section, passed through verbatim
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.name not in MODEL_NAMES and not is_import_path(self.name):
+            choices = ", ".join(repr(s) for s in MODEL_NAMES)
+            raise StageError(
+                f"params: model.name must be one of {choices} or 'package.module:factory', "
+                f"got {self.name!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +98,9 @@ class TrainParams:
     weight_decay: float = 0.0
     schedule: Literal["constant", "cosine", "onecycle"] = "onecycle"
     label_smoothing: float = 0.0
+    # auto: cross-entropy for classification, mse for regression; huber: on standardised
+    # targets with delta 1 (one train-split standard deviation)
+    loss: Literal["auto", "cross_entropy", "mse", "huber"] = "auto"
     augment: bool = True  # images only: random translation by up to 2 pixels
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
@@ -73,6 +109,13 @@ class TrainParams:
 @dataclasses.dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int = 256
+
+
+def is_import_path(value: str) -> bool:
+    """``package.module:attribute``, how a user's loader or model factory is named."""
+    module, sep, attribute = value.partition(":")
+    parts = module.split(".")
+    return bool(sep) and all(p.isidentifier() for p in parts) and attribute.isidentifier()
 
 
 def load_params(section: str, cls: type[T], path: Path = DEFAULT_PARAMS) -> T:
@@ -139,6 +182,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             choices = ", ".join(repr(a) for a in args)
             raise StageError(f"params: {key} must be one of {choices}, got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise StageError(f"params: {key} must be a mapping, got {value!r}")
+        return dict(value)  # untyped by design: the user's code reads it
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise StageError(f"params: {key} must be a list, got {value!r}")
@@ -163,6 +210,9 @@ class ExportParams:
     variants: tuple[Literal["fp32", "int8", "fp16"], ...] = ("fp32", "int8", "fp16")
     max_accuracy_drop: float = 1.0  # percentage points of test accuracy, per variant vs fp32
     parity_atol: float = 1e-4  # max |logit diff| between PyTorch and the fp32 ONNX model
+    # regression: |output diff| <= parity_atol + parity_rtol * |PyTorch output|
+    parity_rtol: float = 1e-5
+    max_rmse_increase: float = 5.0  # regression: percent of fp32's test RMSE, per variant
     calibration_samples: int = 512  # int8: images drawn from the train split
     calibration_seed: int = 0
     batch_size: int = 256  # for parity and accuracy runs

@@ -251,8 +251,8 @@ def train(
     """
     with step("load data"):
         meta = load_meta(data_dir)
-        train_split = load_split("train", data_dir, meta.kind)
-        val_split = load_split("val", data_dir, meta.kind)
+        train_split = load_split("train", data_dir, meta)
+        val_split = load_split("val", data_dir, meta)
     world = world_from_env()
     history: list[EpochStats] = []
     device_type = "cuda" if params.device != "cpu" and torch.cuda.is_available() else "cpu"

@@ -29,13 +29,13 @@ PROBABILITIES_NAME = "probabilities"
 # task they fit.
 IMAGE_CLASSIFICATION = "image_classification"
 SEQUENCE_CLASSIFICATION = "sequence_classification"
-TASKS = (
-    IMAGE_CLASSIFICATION,
-    SEQUENCE_CLASSIFICATION,
-    "tabular_classification",
-    "regression",
-    "none",
-)
+TABULAR_CLASSIFICATION = "tabular_classification"
+# Any input kind; the output PREDICTION_NAME holds one value per row in the target's units
+# (the graph undoes the training-time standardisation), and class_names is empty.
+REGRESSION = "regression"
+TASKS = (IMAGE_CLASSIFICATION, SEQUENCE_CLASSIFICATION, TABULAR_CLASSIFICATION, REGRESSION, "none")
+CLASSIFICATION_TASKS = (IMAGE_CLASSIFICATION, SEQUENCE_CLASSIFICATION, TABULAR_CLASSIFICATION)
+PREDICTION_NAME = "prediction"  # regression: float32 [N]
 
 # metadata_props keys. Values are strings; lists and objects are JSON-encoded.
 KEY_CONTRACT_VERSION = "tensorferry.contract_version"  # "2"
@@ -145,6 +145,56 @@ class ImagePreprocessing:
         )
 
 
+FEATURES_NAME = "features"  # tabular models' one input, float32 [N, F]
+NUMERIC, CATEGORICAL = "numeric", "categorical"
+
+
+@dataclass(frozen=True)
+class TabularColumn:
+    name: str
+    type: str  # NUMERIC or CATEGORICAL
+    categories: tuple[str, ...] = ()  # categorical: the value of code i is categories[i]
+
+
+@dataclass(frozen=True)
+class TabularPreprocessing:
+    """How a record becomes the model's input: one float32 [N, F] tensor, a value per
+    column in ``columns`` order. Numeric columns take raw values (standardisation is in
+    the graph); categorical ones the category's code (its index in ``categories``), and
+    any other code, -1 by convention, for a category the model never saw, which the graph
+    one-hot encodes as all zeros. NaN is a missing value: with ``impute`` the graph fills
+    it with the train split's median or most frequent category; without, the model was
+    trained on complete rows and its answer for one is undefined (NaN)."""
+
+    input_name: str
+    columns: tuple[TabularColumn, ...]
+    impute: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "input": self.input_name,
+            "columns": [
+                {"name": c.name, "type": c.type}
+                | ({"categories": list(c.categories)} if c.type == CATEGORICAL else {})
+                for c in self.columns
+            ],
+            "missing": "impute" if self.impute else "refuse",
+        }
+
+    @classmethod
+    def from_json(cls, entry: Mapping[str, Any]) -> TabularPreprocessing:
+        columns = tuple(
+            TabularColumn(
+                str(c["name"]), str(c["type"]), tuple(str(v) for v in c.get("categories", ()))
+            )
+            for c in entry["columns"]
+        )
+        unknown = [c.type for c in columns if c.type not in (NUMERIC, CATEGORICAL)]
+        if unknown or not columns:
+            raise ValueError(f"tabular columns must be numeric or categorical, got {unknown}")
+        return cls(str(entry["input"]), columns, entry.get("missing") == "impute")
+
+
 # The exported sequence models' inputs: HF-style token ids and mask, or raw series values.
 TEXT_IDS, TEXT_MASK = "input_ids", "attention_mask"
 SERIES_VALUES, SERIES_MASK = "series", "mask"
@@ -232,6 +282,7 @@ class ModelContract:
     class_names: tuple[str, ...] = ()
     image: ImagePreprocessing | None = None  # image models only
     sequence: SequencePreprocessing | None = None  # text and series models only
+    tabular: TabularPreprocessing | None = None  # tabular models only
     precision: str = ""
     data_fingerprint: str = ""
     params_hash: str = ""
@@ -242,11 +293,14 @@ class ModelContract:
             raise ContractError(f"task {self.task!r} is not one of {', '.join(TASKS)}")
 
     def preprocessing(self) -> dict[str, Any]:
-        """The preprocessing JSON object, keyed by kind ("image", "text" or "series")."""
+        """The preprocessing JSON object, keyed by kind ("image", "text", "series" or
+        "tabular")."""
         if self.image:
             return {"image": self.image.to_json()}
         if self.sequence:
             return {self.sequence.kind: self.sequence.to_json()}
+        if self.tabular:
+            return {"tabular": self.tabular.to_json()}
         return {}
 
     def to_metadata(self) -> dict[str, str]:
@@ -288,13 +342,14 @@ class ModelContract:
         _require(metadata, (KEY_MODEL_NAME, KEY_TASK), source)
         try:
             preprocessing = json.loads(metadata.get(KEY_PREPROCESSING, "{}"))
-            image = preprocessing.get("image")
+            image, tabular = preprocessing.get("image"), preprocessing.get("tabular")
             return cls(
                 model_name=metadata[KEY_MODEL_NAME],
                 task=metadata[KEY_TASK],
                 class_names=_class_names(metadata),
                 image=None if image is None else ImagePreprocessing.from_json(image),
                 sequence=_sequence(preprocessing, metadata.get(KEY_TOKENIZER)),
+                tabular=None if tabular is None else TabularPreprocessing.from_json(tabular),
                 **_provenance(metadata),
             )
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
@@ -381,21 +436,38 @@ def check_io(contract: ModelContract | None, signature: Signature, source: str) 
     """The graph must take what the contract's preprocessing produces.
 
     An image model's input is uint8 [N, C, H, W] with a dynamic batch; a sequence model
-    batches, and each padded input has a dynamic sequence axis; other contracts constrain
-    nothing the graph does not already say.
+    batches, and each padded input has a dynamic sequence axis; a tabular model's input
+    is float32 [N, F] with a dynamic batch and F its columns; a regressor has an output
+    PREDICTION_NAME; other contracts constrain nothing the graph does not already say.
     """
-    if contract is not None and contract.sequence is not None:
-        _check_sequence_io(contract.sequence, signature, source)
-    image = None if contract is None else contract.image
-    if image is None:
+    if contract is None:
         return
-    want = TensorSpec(image.input_name, image.dtype.upper(), (-1, *image.shape))
-    if signature.input(image.input_name) != want or not signature.batching:
+    if contract.sequence is not None:
+        _check_sequence_io(contract.sequence, signature, source)
+    if contract.task == REGRESSION and not any(
+        s.name == PREDICTION_NAME for s in signature.outputs
+    ):
+        raise ContractError(f"{source} is a regression model without a {PREDICTION_NAME!r} output")
+    want = _fixed_input(contract)
+    if want is None:
+        return
+    if signature.input(want.name) != want or not signature.batching:
         got = [s.describe() for s in signature.inputs]
         raise ContractError(
             f"{source} inputs {got} do not match its metadata "
             f"({want.describe()} with a dynamic batch)"
         )
+
+
+def _fixed_input(contract: ModelContract) -> TensorSpec | None:
+    """The one input an image or tabular contract implies, batch dim dynamic."""
+    if contract.image is not None:
+        image = contract.image
+        return TensorSpec(image.input_name, image.dtype.upper(), (-1, *image.shape))
+    if contract.tabular is not None:
+        tabular = contract.tabular
+        return TensorSpec(tabular.input_name, "FP32", (-1, len(tabular.columns)))
+    return None
 
 
 def _check_sequence_io(sequence: SequencePreprocessing, signature: Signature, source: str) -> None:
