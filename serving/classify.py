@@ -1,5 +1,5 @@
 """``POST /v1/classify``: an image file in, the model's top-k class names out (raw text
-for a text model: serving/sequence.py).
+for a text model: serving/sequence.py; records for a tabular one: serving/tabular.py).
 
 Preprocessing is what the contract records: resize to the input H, W and convert to its
 channel count. Normalisation is inside the graph, so the model gets uint8 pixels.
@@ -8,6 +8,7 @@ channel count. Normalisation is inside the graph, so the model gets uint8 pixels
 from __future__ import annotations
 
 import io
+import math
 from typing import Any
 
 import numpy as np
@@ -84,10 +85,22 @@ def top_k(probs: np.ndarray, class_names: tuple[str, ...], k: int) -> list[dict[
         {
             "index": int(i),
             "class": class_names[i] if i < len(class_names) else str(i),
-            "probability": float(probs[i]),
+            # JSON has no NaN: a probability the model could not compute is null.
+            "probability": float(probs[i]) if math.isfinite(probs[i]) else None,
         }
         for i in order
     ]
+
+
+def ranked(
+    outputs: dict[str, np.ndarray], class_names: tuple[str, ...], k: int, many: bool
+) -> dict[str, Any]:
+    """The top-k answer for a request of one row per item: ``{"predictions": [...]}`` for
+    one item, ``{"results": [{"predictions": [...]}, ...]}`` when it sent a list."""
+    rows = [top_k(row, class_names, k) for row in probabilities(outputs)]
+    if many:
+        return {"results": [{"predictions": r} for r in rows]}
+    return {"predictions": rows[0]}
 
 
 def parse_top_k(query: str, classes: int) -> int:

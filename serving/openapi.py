@@ -1,5 +1,9 @@
 """``GET /v2/openapi.json``: an OpenAPI 3.0 description of the JSON routes, for this model.
 
+A tabular model's routes (/v1/predict, /v1/classify) list its columns: a schema-valid
+record is one the server takes. Records as lists in column order are taken too but not
+described, since OpenAPI 3.0 cannot type an array's items by position.
+
 The API fuzz test (schemathesis) reads it from the running server, so what is fuzzed is
 what is served, and a request the document allows is one the server answers: every input
 once, with an exact shape and as many values as that shape holds. It describes the JSON
@@ -14,7 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from serving.contract import Signature, TensorSpec
+from serving.contract import (
+    NUMERIC,
+    Signature,
+    TabularColumn,
+    TabularPreprocessing,
+    TensorSpec,
+)
 from serving.protocol import DATATYPES
 
 # Batch sizes the document offers, from 1: each is one more alternative shape per input.
@@ -200,9 +210,90 @@ def _infer(signature: Signature, max_batch: int, *params: dict[str, Any]) -> dic
     }
 
 
-def _classify(kind: str, max_texts: int) -> dict[str, Any]:
+def _column(column: TabularColumn, impute: bool) -> dict[str, Any]:
+    """A record's value for ``column``; null too when the model imputes missing values."""
+    nullable = {"nullable": True} if impute else {}
+    if column.type == NUMERIC:  # finite in float32, as infer's FP32 inputs
+        largest = float(np.finfo(np.float32).max)
+        return {"type": "number", "minimum": -largest, "maximum": largest, **nullable}
+    known = [{"type": "string", "enum": list(column.categories)}] if column.categories else []
+    return {
+        "description": "a category the model knows, or any other string (an unseen category)",
+        "anyOf": [*known, {"type": "string", **nullable}],
+    }
+
+
+def _example(column: TabularColumn) -> Any:
+    if column.type == NUMERIC:
+        return 0.0
+    return column.categories[0] if column.categories else ""
+
+
+def _records(tabular: TabularPreprocessing, max_rows: int) -> dict[str, Any]:
+    """The body of /v1/predict and a tabular /v1/classify: one record, or a list."""
+    record: dict[str, Any] = {
+        "type": "object",
+        "properties": {c.name: _column(c, tabular.impute) for c in tabular.columns},
+        "additionalProperties": False,
+    }
+    if not tabular.impute:  # with impute, a missing column is a missing value
+        record["required"] = [c.name for c in tabular.columns]
+    instances = {"type": "array", "items": record, "minItems": 1, "maxItems": max_rows}
+    schema = {
+        "oneOf": [
+            {
+                "type": "object",
+                "required": [key],
+                "properties": {key: value},
+                "additionalProperties": False,
+            }
+            for key, value in (("instance", record), ("instances", instances))
+        ]
+    }
+    example = {"instances": [{c.name: _example(c) for c in tabular.columns}]}
+    return {"application/json": {"schema": schema, "example": example}}
+
+
+_CLASS = {
+    "type": "object",
+    "required": ["index", "class", "probability"],
+    "properties": {
+        "index": {"type": "integer"},
+        "class": {"type": "string"},
+        "probability": {"type": "number", "nullable": True},
+    },
+}
+
+
+def _predict(tabular: TabularPreprocessing, max_rows: int, regression: bool) -> dict[str, Any]:
+    value = {"type": "number", "nullable": True}  # null: a value the model could not compute
+    answer = {
+        "type": "object",
+        "required": ["model_name", "predictions"],
+        "properties": {
+            "model_name": {"type": "string"},
+            "predictions": {"type": "array", "items": value if regression else _CLASS},
+        },
+    }
+    ok = {"description": "OK", "content": {"application/json": {"schema": answer}}}
+    what = "a value" if regression else "the top class"
+    return {
+        "post": {
+            "summary": f"Predict from records of named columns: {what} per record",
+            "requestBody": {"required": True, "content": _records(tabular, max_rows)},
+            "responses": _answers(ok),
+        }
+    }
+
+
+def _classify(
+    kind: str, max_texts: int, records: TabularPreprocessing | None = None
+) -> dict[str, Any]:
     top_k = {"name": "top_k", "in": "query", "schema": {"type": "integer", "minimum": 1}}
-    if kind == "text":
+    if kind == "tabular" and records is not None:
+        summary = "Classify records of named columns: one, or a list of up to the max batch size"
+        content = _records(records, max_texts)
+    elif kind == "text":
         summary = "Classify raw text: one text, or a list of up to the max batch size"
         text = {"type": "string", "minLength": 1}
         one = {"type": "object", "required": ["text"], "properties": {"text": text}}
@@ -232,10 +323,13 @@ def document(
     max_batch: int,
     classify: str | None = "image",
     max_texts: int = 1,
+    records: TabularPreprocessing | None = None,
+    regression: bool = False,
 ) -> dict[str, Any]:
     """The OpenAPI document for a server of ``model`` with ``signature``; ``classify``:
-    what /v1/classify takes ("image", "text" with up to ``max_texts`` texts, or None:
-    no such route)."""
+    what /v1/classify takes ("image", "text", "tabular" ``records``, or None: no such
+    route); ``max_texts``: the most texts or records one request may carry; ``records``: a
+    tabular model's columns, for /v1/predict (a regressor's answers are values)."""
     base, versioned = "/v2/models/{model_name}", "/v2/models/{model_name}/versions/{model_version}"
     name, version_param = _path("model_name", model), _path("model_version", "1")
     text = {"description": "Prometheus text", "content": {"text/plain": {"schema": {}}}}
@@ -255,7 +349,9 @@ def document(
         versioned + "/infer": _infer(signature, max_batch, name, version_param),
     }
     if classify:
-        paths["/v1/classify"] = _classify(classify, max_texts)
+        paths["/v1/classify"] = _classify(classify, max_texts, records)
+    if records is not None:
+        paths["/v1/predict"] = _predict(records, max_texts, regression)
     return {
         "openapi": "3.0.3",
         "info": {"title": f"tensorferry serving {model}", "version": version},
