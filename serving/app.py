@@ -1,4 +1,4 @@
-"""Routes: the Open Inference Protocol v2 REST API, /v1/classify and /metrics.
+"""Routes: the Open Inference Protocol v2 REST API, /v1/classify, /v1/predict and /metrics.
 
 Status codes follow Triton: 400 bad request, 401 missing or wrong API key (when one is
 set), 404 unknown model or route, 405 wrong method, 408/413/431 stalled request, body or
@@ -20,12 +20,14 @@ from urllib.parse import unquote
 
 import numpy as np
 
-from serving import classify, openapi, sequence
+from serving import classify, openapi, sequence, tabular
 from serving.backends import Backend
 from serving.config import MODEL_NAME, ServerConfig
 from serving.contract import (
     IMAGE_CLASSIFICATION,
+    REGRESSION,
     SEQUENCE_CLASSIFICATION,
+    TABULAR_CLASSIFICATION,
     ImagePreprocessing,
     ModelContract,
     TensorSpec,
@@ -110,6 +112,7 @@ class App:
         contract = backend.contract
         class_names = contract.class_names if contract else ()
         self._sequence, self._text = sequence, text
+        self._tabular = tabular.encoder(contract, signature)
         self._codec = InferCodec(self.name, signature, config.max_batch_size, class_names, sequence)
         self._version = _version()
         self._api_key = None if config.api_key is None else config.api_key.encode()
@@ -126,6 +129,7 @@ class App:
             "/metrics": ("GET", lambda r: r.respond(200, [metrics.render()], CONTENT_TYPE)),
             "/v2/openapi.json": ("GET", lambda r: r.respond_json(200, self._openapi())),
             "/v1/classify": ("POST", self._classify),
+            "/v1/predict": ("POST", self._predict),
         }
 
     def __call__(self, request: Request) -> None:
@@ -173,6 +177,7 @@ class App:
         }
 
     def _openapi(self) -> dict[str, Any]:
+        contract, encoder = self.backend.contract, self._tabular
         return openapi.document(
             self.name,
             self._version,
@@ -180,6 +185,8 @@ class App:
             self.config.max_batch_size,
             classify=self._classify_kind,
             max_texts=self.config.max_batch_size,
+            records=encoder.preprocessing if encoder and self._predicts else None,
+            regression=contract is not None and contract.task == REGRESSION,
         )
 
     def _model_metadata(self) -> dict[str, Any]:
@@ -368,28 +375,52 @@ class App:
     # classify
     @property
     def _classify_kind(self) -> str | None:
-        """What /v1/classify takes for this model: "image", "text" or None (not offered)."""
+        """What /v1/classify takes for this model: "image", "text", "tabular" or None (not
+        offered)."""
         contract = self.backend.contract
         if contract and contract.image and contract.task == IMAGE_CLASSIFICATION:
             return "image"
         if contract and self._text is not None and contract.task == SEQUENCE_CLASSIFICATION:
             return "text"
+        if contract and self._tabular is not None and contract.task == TABULAR_CLASSIFICATION:
+            return "tabular"
         return None
+
+    @property
+    def _predicts(self) -> bool:
+        """Whether /v1/predict is offered: a tabular classifier or regressor."""
+        contract = self.backend.contract
+        tasks = (TABULAR_CLASSIFICATION, REGRESSION)
+        return self._tabular is not None and contract is not None and contract.task in tasks
+
+    def _what(self) -> str:
+        """The model's task in words, for a 404 that says why a route does not fit it."""
+        contract = self.backend.contract
+        task = contract.task if contract else None
+        if contract and contract.sequence:
+            task = f"{contract.sequence.kind} {task}"
+        return f"a {task} model" if task else "a model without task metadata"
 
     def _classify(self, request: Request) -> None:
         kind, contract = self._classify_kind, self.backend.contract
-        if kind is None or contract is None:
-            task = contract.task if contract else None
-            if contract and contract.sequence:
-                task = f"{contract.sequence.kind} {task}"
-            what = f"a {task} model" if task else "a model without task metadata"
+        if contract is not None and contract.task == REGRESSION:
+            predict = "POST /v1/predict or " if self._predicts else ""
             return request.error(
                 404,
-                f"/v1/classify serves image and text classifiers; model '{self.name}' is "
-                f"{what}: use POST /v2/models/{self.name}/infer",
+                f"/v1/classify serves classifiers; model '{self.name}' is a regression model, "
+                f"which returns values, not classes: use {predict}"
+                f"POST /v2/models/{self.name}/infer",
+            )
+        if kind is None or contract is None:
+            return request.error(
+                404,
+                f"/v1/classify serves image, text and tabular classifiers; model '{self.name}' "
+                f"is {self._what()}: use POST /v2/models/{self.name}/infer",
             )
         if kind == "text":
             return self._classify_text(request, contract)
+        if kind == "tabular":
+            return self._records(request, contract, top_k=True)
         assert contract.image is not None
         if self._admit(request):
             asyncio.get_running_loop().create_task(
@@ -446,18 +477,60 @@ class App:
 
         def done(outputs: dict[str, np.ndarray] | None, error: Exception | None) -> None:
             if outputs is not None:
-                probs = classify.probabilities(outputs)
-                ranked = [classify.top_k(row, contract.class_names, k) for row in probs]
-                answer: dict[str, Any] = {"model_name": self.name}
-                if many:
-                    answer["results"] = [{"predictions": r} for r in ranked]
-                else:
-                    answer["predictions"] = ranked[0]
-                request.respond_json(200, answer)
+                answer = classify.ranked(outputs, contract.class_names, k, many)
+                request.respond_json(200, {"model_name": self.name, **answer})
             self._finish(request, error, start)
 
         group = self._sequence.group(list(inputs.values()))
         self._submit(request, inputs, len(texts), group, done, None)
+
+    # tabular
+    def _predict(self, request: Request) -> None:
+        contract = self.backend.contract
+        if not self._predicts or contract is None:
+            other = "POST /v1/classify or " if self._classify_kind else ""
+            return request.error(
+                404,
+                "/v1/predict serves tabular models (tabular_classification and regression on "
+                f"records of named columns); model '{self.name}' is {self._what()}: use "
+                f"{other}POST /v2/models/{self.name}/infer",
+            )
+        self._records(request, contract, top_k=False)
+
+    def _records(self, request: Request, contract: ModelContract, top_k: bool) -> None:
+        """Records to the features tensor, queued as one request of a row per record (the
+        batch group infer forms), answered as /v1/classify (``top_k``) or /v1/predict."""
+        if not self._admit(request):
+            return
+        assert self._tabular is not None
+        start = perf_counter()
+        try:
+            k = classify.parse_top_k(request.query, len(contract.class_names)) if top_k else 1
+            body = _decoded_body(request, self.config.max_request_bytes)
+            items, many = tabular.records(body, self.config.max_batch_size)
+            features = self._tabular.encode(items, many)
+        except ProtocolError as exc:
+            return self._bad_request(request, exc)
+        except Exception:
+            self.state.inflight -= 1  # drain waits for this count; serving.http answers 500
+            raise
+
+        def done(outputs: dict[str, np.ndarray] | None, error: Exception | None) -> None:
+            if outputs is not None:
+                try:
+                    if top_k:
+                        answer = classify.ranked(outputs, contract.class_names, k, many)
+                    else:
+                        answer = {"predictions": tabular.predictions(outputs, contract)}
+                    request.respond_json(200, {"model_name": self.name, **answer})
+                except Exception as exc:  # an answer that fails to encode still gets one
+                    log.exception("failed to encode a tabular response")
+                    error = exc
+            self._finish(request, error, start)
+
+        inputs = {self._tabular.input_name: features}
+        group = batch_group(self.signature, [features])
+        self._submit(request, inputs, len(items), group, done, None)
 
 
 def _header_length(request: Request) -> int | None:

@@ -350,7 +350,9 @@ def test_classify_is_only_for_image_and_text_classifiers(serve, tiny_model) -> N
     status, _, body = fetch(server, "/v1/classify", b"\x89PNG")
     assert status == 404
     message = json.loads(body)["error"]
-    assert "image and text classifiers" in message and "/v2/models/torch_cnn/infer" in message
+    assert (
+        "image, text and tabular classifiers" in message and "/v2/models/torch_cnn/infer" in message
+    )
 
 
 def test_models_exported_with_contract_version_1_still_serve(tmp_path: Path) -> None:
