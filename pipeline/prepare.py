@@ -20,11 +20,12 @@ import typer
 from pipeline.artifacts import atomic_path, write_json
 from pipeline.dataset import DEFAULT_DIR, SPLITS, Meta, Split, save_split
 from pipeline.errors import StageError, exit_on_stage_error, run_command, step
-from pipeline.params import DataParams, as_dict, load_with_overrides
+from pipeline.params import DataParams, as_dict, is_import_path, load_with_overrides
 from pipeline.series_data import encode_series, load_series
 from pipeline.sources import Encoded, RawData, load_source
 from pipeline.tabular_data import encode_tabular, load_tabular
 from pipeline.text_data import encode_text, load_text
+from pipeline.user_data import load_user
 
 Pair = tuple[np.ndarray, np.ndarray]  # (x, y)
 Rows = dict[str, Pair]  # split -> (x, y) before encoding
@@ -60,7 +61,9 @@ def prepare(params: DataParams, out: Path = DEFAULT_DIR) -> Meta:
 
 
 def load_raw(params: DataParams) -> RawData:
-    """The source ``data.source`` names."""
+    """The source ``data.source`` names: a built-in one, or a user's loader."""
+    if is_import_path(params.source):
+        return load_user(params)
     loaders = {"text": load_text, "series": load_series, "tabular": load_tabular}
     return loaders.get(params.source, load_source)(params)
 

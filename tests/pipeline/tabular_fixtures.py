@@ -1,5 +1,5 @@
 """Small tabular fixtures for any test: a frame with numeric and categorical columns, its
-CSV and Parquet files, and a prepared directory made from one.
+CSV and Parquet files, a prepared directory made from one, and a user-loader package.
 
 The frame's label is learnable (income and colour decide it) and balanced; ``income`` is
 unique per row, so a test can find a prepared row's source row by it.
@@ -7,6 +7,8 @@ unique per row, so a test can find a prepared row's source row by it.
 
 from __future__ import annotations
 
+import itertools
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +22,7 @@ CATEGORICAL_COLUMNS = ("color", "size")
 FEATURES = ("age", "income", "color", "size")  # file order
 COLORS = ("blue", "green", "red")
 SIZES = ("L", "M", "S")
+_packages = itertools.count()
 
 
 def tabular_frame(
@@ -82,3 +85,46 @@ def prepare_tabular(
     )
     prepare(params, directory)
     return directory
+
+
+def write_user_package(root: Path, body: str, package: str | None = None) -> str:
+    """``root/<package>/loader.py`` holding ``body`` (dedented; it imports numpy as np and
+    UserData for you); returns the import path of its ``load``. The package name is new
+    for every call unless given, so an earlier test's module is never reused from
+    ``sys.modules``; put ``root`` on the path (``monkeypatch.syspath_prepend(root)``)."""
+    package = package or f"tf_user_loader_{next(_packages)}"
+    folder = root / package
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "__init__.py").write_text("")
+    header = "import numpy as np\n\nfrom pipeline.user_data import UserData\n\n\n"
+    (folder / "loader.py").write_text(header + textwrap.dedent(body))
+    return f"{package}.loader:load"
+
+
+# A loader of options["rows"] tabular rows (3 features, NaN in f1 at rows 0 and 5 when
+# options["nan"]), classification by default, regression with options["regression"].
+TABULAR_LOADER = """
+def load(path, options):
+    rng = np.random.default_rng(options.get("seed", 0))
+    rows = options.get("rows", 60)
+    x = rng.normal(size=(rows, 3)) * [1.0, 10.0, 100.0] + [0.0, 5.0, -50.0]
+    if options.get("nan"):
+        x[[0, 5], 1] = np.nan
+    if options.get("regression"):
+        y = (x[:, 0] * 3.0 + 7.0).astype(np.float64)
+        return UserData("regression", {"all": (x, y)}, feature_names=("a", "b", "c"))
+    y = (x[:, 0] > 0).astype(np.int64)
+    return UserData("classification", {"all": (x, y)}, class_names=("neg", "pos"))
+"""
+
+# A loader of uint8 images with its own train and test splits (val carved out of train).
+IMAGE_LOADER = """
+def load(path, options):
+    rng = np.random.default_rng(0)
+    def split(n):
+        x = rng.integers(0, 255, size=(n, options.get("channels", 1), 12, 12), dtype=np.uint8)
+        y = np.arange(n, dtype=np.int64) % 3
+        return x, y
+    return UserData("classification", {"train": split(30), "test": split(9)},
+                    class_names=("a", "b", "c"))
+"""
