@@ -1,12 +1,16 @@
-"""prepare stage: raw source -> stratified, seeded train/val/test arrays + meta.json.
+"""prepare stage: raw source -> seeded train/val/test arrays + meta.json.
 
-Images become uint8 arrays; texts are tokenized and series padded only after the split,
-so the tokenizer never sees validation or test text.
+Classification splits are stratified by class, regression splits random. Images become
+uint8 arrays; texts are tokenized, series padded and tabular columns coded only after the
+split, so nothing learnt from the data (a tokenizer, a column's categories, mean or fill)
+has seen validation or test rows.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -16,24 +20,33 @@ import typer
 from pipeline.artifacts import atomic_path, write_json
 from pipeline.dataset import DEFAULT_DIR, SPLITS, Meta, Split, save_split
 from pipeline.errors import StageError, exit_on_stage_error, run_command, step
-from pipeline.params import DataParams, as_dict, load_with_overrides
+from pipeline.params import DataParams, as_dict, is_import_path, load_with_overrides
 from pipeline.series_data import encode_series, load_series
 from pipeline.sources import Encoded, RawData, load_source
+from pipeline.tabular_data import encode_tabular, load_tabular
 from pipeline.text_data import encode_text, load_text
+from pipeline.user_data import load_user
 
-Rows = dict[str, tuple[np.ndarray, np.ndarray]]  # split -> (x, y) before encoding
+Pair = tuple[np.ndarray, np.ndarray]  # (x, y)
+Rows = dict[str, Pair]  # split -> (x, y) before encoding
 
 
 def prepare(params: DataParams, out: Path = DEFAULT_DIR) -> Meta:
     """Load the configured source, split it, encode it and write ``out`` atomically."""
-    loaders = {"text": load_text, "series": load_series}
     with step("load source"):
-        raw = loaders.get(params.source, load_source)(params)
+        raw = load_raw(params)
+        _check_task(raw, params)
     with step("split"):
         splits = split_data(raw, params)
         splits = {n: _cap_per_class(x, y, params.max_per_class) for n, (x, y) in splits.items()}
-        _check_every_class_present(splits, raw.class_names)
-    encoders = {"image": _encode_images, "text": encode_text, "series": encode_series}
+        if raw.task == "classification":
+            _check_every_class_present(splits, raw.class_names)
+    encoders = {
+        "image": _encode_images,
+        "text": encode_text,
+        "series": encode_series,
+        "tabular": functools.partial(encode_tabular, columns=raw.columns),
+    }
     with step("encode"):
         encoded = encoders[raw.kind](splits, params)
         meta = _describe(encoded, raw, params)
@@ -47,22 +60,47 @@ def prepare(params: DataParams, out: Path = DEFAULT_DIR) -> Meta:
     return meta
 
 
-def split_data(raw: RawData, params: DataParams) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Use the source's own splits where it has them; carve the rest out, stratified."""
+def load_raw(params: DataParams) -> RawData:
+    """The source ``data.source`` names: a built-in one, or a user's loader."""
+    if is_import_path(params.source):
+        return load_user(params)
+    loaders = {"text": load_text, "series": load_series, "tabular": load_tabular}
+    return loaders.get(params.source, load_source)(params)
+
+
+def _check_task(raw: RawData, params: DataParams) -> None:
+    if params.task is not None and params.task != raw.task:
+        what = params.dataset if params.source == "tabular" else params.source
+        raise StageError(
+            f"data.task is {params.task}, but {what} is a {raw.task} data set; "
+            f"set data.task: {raw.task} or null"
+        )
+    if raw.task == "regression" and params.max_per_class is not None:
+        raise StageError(
+            "data.max_per_class caps examples per class, and a regression target has no "
+            "classes; set it to null (use a smaller data set for quick runs)"
+        )
+
+
+def split_data(raw: RawData, params: DataParams) -> Rows:
+    """Use the source's own splits where it has them; carve the rest out of train (or of
+    the one pool, ``all``), stratified by class for classification."""
     splits = dict(raw.splits)
     if "all" in splits:
-        pool = splits.pop("all")
-        splits["train"], splits["test"] = _stratified(pool, params.test_fraction, params.seed)
+        splits["train"] = splits.pop("all")
+    stratify = raw.task == "classification"
+    if "test" not in splits:
+        splits["train"], splits["test"] = _carve(
+            splits["train"], params.test_fraction, params.seed, stratify
+        )
     if "val" not in splits:
-        splits["train"], splits["val"] = _stratified(
-            splits["train"], params.val_fraction, params.seed
+        splits["train"], splits["val"] = _carve(
+            splits["train"], params.val_fraction, params.seed, stratify
         )
     return {name: splits[name] for name in SPLITS}
 
 
-def _stratified(
-    data: tuple[np.ndarray, np.ndarray], fraction: float, seed: int
-) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+def _carve(data: Pair, fraction: float, seed: int, stratify: bool) -> tuple[Pair, Pair]:
     from sklearn.model_selection import train_test_split
 
     if not 0.0 < fraction < 1.0:
@@ -70,10 +108,11 @@ def _stratified(
     x, y = data
     try:
         x_keep, x_held, y_keep, y_held = train_test_split(
-            x, y, test_size=fraction, stratify=y, random_state=seed
+            x, y, test_size=fraction, stratify=y if stratify else None, random_state=seed
         )
     except ValueError as exc:
-        raise StageError(f"cannot split {len(y)} examples stratified by class: {exc}") from None
+        how = " stratified by class" if stratify else ""
+        raise StageError(f"cannot split {len(y)} examples{how}: {exc}") from None
     return (x_keep, y_keep), (x_held, y_held)
 
 
@@ -85,9 +124,7 @@ def _cap_per_class(x: np.ndarray, y: np.ndarray, cap: int | None) -> tuple[np.nd
     return x[keep], y[keep]
 
 
-def _check_every_class_present(
-    splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names: tuple[str, ...]
-) -> None:
+def _check_every_class_present(splits: Rows, class_names: tuple[str, ...]) -> None:
     for name, (_, y) in splits.items():
         present = set(np.unique(y).tolist())
         for label, class_name in enumerate(class_names):
@@ -108,27 +145,55 @@ def _encode_images(splits: Rows, _: DataParams) -> Encoded:
 
 def _describe(encoded: Encoded, raw: RawData, params: DataParams) -> Meta:
     splits = encoded.splits
-    # Images hash x and y only, as they always have: their fingerprints stay comparable.
-    digest = hashlib.sha256(repr(raw.class_names).encode())
-    for name in SPLITS:
-        split = splits[name]
-        digest.update(np.ascontiguousarray(split.x).tobytes())
-        digest.update(np.ascontiguousarray(split.y, dtype=np.int64).tobytes())
-        if split.lengths is not None:
-            digest.update(np.ascontiguousarray(split.lengths, dtype=np.int64).tobytes())
+    target_mean, target_std = _target_stats(splits["train"].y, raw.task)
     return Meta(
         class_names=raw.class_names,
         input_shape=tuple(int(d) for d in splits["train"].x.shape[1:]),
         mean=encoded.mean,
         std=encoded.std,
         split_sizes={name: int(len(splits[name].y)) for name in SPLITS},
-        fingerprint=digest.hexdigest(),
+        fingerprint=_fingerprint(encoded, raw),
         source=as_dict(params),
         conversions=raw.conversions + encoded.conversions,
         kind=raw.kind,
         vocab_size=encoded.vocab_size,
         length_stats=_length_stats(splits),
+        task=raw.task,
+        columns=encoded.columns,
+        target_mean=target_mean,
+        target_std=target_std,
     )
+
+
+def _fingerprint(encoded: Encoded, raw: RawData) -> str:
+    regression = raw.task == "regression"
+    # Classification hashes x and y only, as it always has: its fingerprints stay comparable.
+    digest = hashlib.sha256(repr(raw.class_names).encode())
+    for name in SPLITS:
+        split = encoded.splits[name]
+        digest.update(np.ascontiguousarray(split.x).tobytes())
+        y_dtype = np.float32 if regression else np.int64
+        digest.update(np.ascontiguousarray(split.y, dtype=y_dtype).tobytes())
+        if split.lengths is not None:
+            digest.update(np.ascontiguousarray(split.lengths, dtype=np.int64).tobytes())
+    if regression or encoded.columns:
+        # What a code or column means lives in meta.json, not in x: hash it too.
+        described = {"task": raw.task, "columns": [c.to_json() for c in encoded.columns]}
+        digest.update(json.dumps(described, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def _target_stats(y: np.ndarray, task: str) -> tuple[float, float]:
+    """Regression: the train split's target mean and population std (1 would hide a
+    constant target, which nothing can learn from)."""
+    if task != "regression":
+        return 0.0, 1.0
+    values = y.astype(np.float64)
+    if values.min() == values.max():
+        raise StageError(
+            f"every train-split target is {values[0]:g}; regression needs targets that vary"
+        )
+    return float(values.mean()), float(values.std())
 
 
 def _length_stats(splits: dict[str, Split]) -> dict[str, int]:
@@ -156,13 +221,16 @@ def command(
         Path, typer.Option(help="Directory for {train,val,test}.npz and meta.json.")
     ] = DEFAULT_DIR,
 ) -> None:
-    """Prepare the data set: load the source, split it stratified, write its arrays."""
+    """Prepare the data set: load the source, split it, write its arrays and meta.json."""
     params = load_with_overrides("data", DataParams, params_file)
     meta = prepare(params, out)
     for conversion in meta.conversions:
         typer.echo(f"{params.source}: {conversion}")
     sizes = ", ".join(f"{k} {v}" for k, v in meta.split_sizes.items())
-    typer.echo(f"prepared {len(meta.class_names)} classes, shape {meta.input_shape}: {sizes}")
+    what = f"{len(meta.class_names)} classes"
+    if meta.is_regression:
+        what = f"a regression target (train mean {meta.target_mean:.4g}, std {meta.target_std:.4g})"
+    typer.echo(f"prepared {what}, shape {meta.input_shape}: {sizes}")
     if meta.length_stats:
         stats = ", ".join(f"{k} {v}" for k, v in meta.length_stats.items())
         typer.echo(f"{meta.kind} lengths: {stats}")

@@ -1,8 +1,10 @@
 """Data sources for the prepare stage: the image ones return uint8 NCHW images with labels.
 
-A source yields either ready-made splits (``train``/``test``, sometimes ``val``) or one
-pool (``all``) that the prepare stage splits itself. The sequence sources (text_data,
-series_data) yield object arrays of one row each, encoded only after the split.
+A source yields either ready-made splits (``train``, often ``test``, sometimes ``val``) or
+one pool (``all``) that the prepare stage splits itself. The sequence sources (text_data,
+series_data) yield object arrays of one row each, encoded only after the split; the
+tabular ones (tabular_data, user_data) yield float64 [N, F] rows whose categorical
+columns are still coded over every split's categories, re-coded from train after it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.dataset import Split
+from pipeline.dataset import Column, Split
 from pipeline.errors import StageError
 from pipeline.params import DataParams
 
@@ -35,11 +37,16 @@ CIFAR10_CACHE = Path.home() / ".cache" / "tensorferry" / "cifar-10-python.tar.gz
 
 @dataclass(frozen=True)
 class RawData:
-    class_names: tuple[str, ...]
-    # name -> (x, y int64); x: uint8 NCHW images, or an object array of texts or series
+    class_names: tuple[str, ...]  # () for regression
+    # name -> (x, y); y: int64 labels or float32 targets (regression); x: uint8 NCHW
+    # images, an object array of texts or series, or float64 [N, F] tabular rows
     splits: dict[str, tuple[np.ndarray, np.ndarray]]
     conversions: tuple[str, ...] = ()  # what was done to the source's data, for the log
     kind: str = "image"  # one of dataset.LAYOUTS
+    task: str = "classification"  # one of dataset.TASKS
+    # tabular: each x column's name and type; a categorical column's categories are every
+    # split's (its x holds indices into them, NaN for a missing cell) until encoding
+    columns: tuple[Column, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,7 @@ class Encoded:
     vocab_size: int = 0
     files: dict[str, str] = field(default_factory=dict)  # more files for the prepared dir
     conversions: tuple[str, ...] = ()
+    columns: tuple[Column, ...] = ()  # tabular: as the train split describes them
 
 
 def load_source(params: DataParams) -> RawData:
