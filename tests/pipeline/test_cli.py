@@ -57,7 +57,7 @@ def test_bad_params_give_one_line_and_exit_1(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "error: params: data.source must be one of 'digits', 'cifar10', 'imagefolder', 'text', "
-        "'series', got 'mnist'"
+        "'series', 'tabular' or 'package.module:loader', got 'mnist'"
     ]
     assert not out.exists()
 
