@@ -1,7 +1,10 @@
 """The training checkpoint: a state dict plus what is needed to rebuild and label the model.
 
 It holds only tensors and plain Python data, so it loads with
-``torch.load(path, weights_only=True)``: no pickled code is ever executed.
+``torch.load(path, weights_only=True)``: no pickled code is ever executed. Besides the
+spec, class names and image/series statistics it keeps the prepared data's Meta (its
+``meta.json``), so a model rebuilds without the data directory: tabular columns,
+regression target statistics, and what a user's factory is called with.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from typing import Any
 import torch
 
 from pipeline.artifacts import atomic_path
+from pipeline.dataset import Meta, meta_from_json
 from pipeline.errors import StageError, step
-from pipeline.models import ModelSpec, build_classifier
+from pipeline.models import ModelSpec, build_module
+from pipeline.params import is_import_path
 
 FORMAT = "tensorferry-checkpoint/1"
 DEFAULT_CHECKPOINT = Path("models/checkpoint.pt")
@@ -30,11 +35,35 @@ class Checkpoint:
     data_fingerprint: str = ""
     params: dict[str, Any] = field(default_factory=dict)
     params_hash: str = ""
+    meta: Meta | None = None  # the data it trained on; None in checkpoints from before
+
+    def data_meta(self) -> Meta:
+        """The Meta of the data it trained on; older checkpoints did not keep one, and
+        their image or sequence model needs only what the spec and statistics hold."""
+        if self.meta is not None:
+            return self.meta
+        return Meta(
+            class_names=self.class_names,
+            input_shape=self.spec.input_shape,
+            mean=self.mean,
+            std=self.std,
+            split_sizes={},
+            fingerprint=self.data_fingerprint,
+            source={},
+            kind=self.spec.kind,
+            vocab_size=self.spec.vocab_size,
+            task=self.spec.task,
+        )
 
     def build(self, source: str = "checkpoint") -> torch.nn.Module:
-        """The Classifier (images) or SequenceClassifier (text, series) with these weights,
-        in eval mode; a mismatch is a StageError."""
-        model = build_classifier(self.spec, self.mean, self.std)
+        """``build_module``'s unit with these weights, in eval mode; a mismatch, or a user
+        factory that can no longer be imported or built, is a StageError."""
+        try:
+            model = build_module(self.spec, self.data_meta())
+        except StageError as exc:
+            if not is_import_path(self.spec.name):
+                raise
+            raise StageError(f"{source} was trained with a user model: {exc}") from None
         try:
             model.load_state_dict(self.state_dict)
         except RuntimeError as exc:
@@ -56,6 +85,7 @@ def save_checkpoint(checkpoint: Checkpoint, path: Path) -> None:
         "data_fingerprint": checkpoint.data_fingerprint,
         "params": checkpoint.params,
         "params_hash": checkpoint.params_hash,
+        "meta": checkpoint.data_meta().to_json(),
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -81,6 +111,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
             data_fingerprint=payload.get("data_fingerprint", ""),
             params=payload.get("params", {}),
             params_hash=payload.get("params_hash", ""),
+            meta=meta_from_json(payload["meta"]) if "meta" in payload else None,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise StageError(f"checkpoint {path} is missing field {exc}") from None

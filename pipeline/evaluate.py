@@ -1,7 +1,18 @@
-"""evaluate stage: test-split metrics, a confusion-matrix plot for DVC, and PNG figures.
+"""evaluate stage: test-split metrics, plots for DVC, and PNG figures.
 
-Sequence data also gets its accuracy by length bucket (quartiles of the test lengths), since
-a sequence model's errors tend to gather at the short or the long end.
+``reports/metrics.json`` holds accuracy, macro precision/recall/F1, log loss and per-class
+figures (classification) or mse, rmse, mae and r2 in target units (regression).
+``reports/plots/`` holds the task's plots, one directory so that the stage's outputs are
+the same for both tasks:
+
+- classification: ``confusion.json`` (a DVC confusion-matrix plot) and ``confusion.png``;
+- regression: ``predictions.json`` (actual, predicted and residual per test row, for DVC's
+  predicted-vs-actual and residual scatter plots), ``predicted_vs_actual.png`` and
+  ``residuals.png``;
+- both: ``training_curves.png`` (loss, and accuracy or RMSE, per epoch).
+
+Sequence classification also gets its accuracy by length bucket (quartiles of the test
+lengths), since a sequence model's errors tend to gather at the short or the long end.
 """
 
 from __future__ import annotations
@@ -15,22 +26,22 @@ import torch
 import typer
 
 from pipeline.artifacts import atomic_path, write_json
-from pipeline.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
-from pipeline.dataset import DEFAULT_DIR, Meta, load_meta, load_split
+from pipeline.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, load_checkpoint
+from pipeline.dataset import DEFAULT_DIR, Column, Meta, Split, load_meta, load_split
 from pipeline.errors import StageError, exit_on_stage_error, run_command, step
-from pipeline.models import ModelSpec
 from pipeline.params import EvaluateParams, load_with_overrides
 from pipeline.train import DEFAULT_LIVE_DIR
 
 DEFAULT_REPORTS = Path("reports")
+PLOTS_DIR = "plots"  # under the reports directory: the stage's one plots output
 
 
 @torch.no_grad()
-def predict_probabilities(
+def predict_outputs(
     model: torch.nn.Module, x: np.ndarray, batch_size: int, lengths: np.ndarray | None = None
-) -> np.ndarray:
-    """Class probabilities; sequences (``lengths`` given) go in batches cut to their longest
-    row, with the mask, as in training."""
+) -> torch.Tensor:
+    """The model's outputs (logits, or regression predictions); sequences (``lengths``
+    given) go in batches cut to their longest row, with the mask, as in training."""
     chunks = []
     for start in range(0, len(x), batch_size):
         batch = slice(start, start + batch_size)
@@ -43,8 +54,19 @@ def predict_probabilities(
                 torch.from_numpy(x[batch, ..., :steps]),
                 torch.from_numpy(mask.astype(np.int64)),
             ]
-        chunks.append(torch.softmax(model(*inputs), dim=1))
-    probabilities = torch.cat(chunks).double()
+        chunks.append(model(*inputs))
+    return torch.cat(chunks)
+
+
+def predict_probabilities(
+    model: torch.nn.Module, x: np.ndarray, batch_size: int, lengths: np.ndarray | None = None
+) -> np.ndarray:
+    """Class probabilities, float64 rows that sum to 1."""
+    return _probabilities(predict_outputs(model, x, batch_size, lengths))
+
+
+def _probabilities(logits: torch.Tensor) -> np.ndarray:
+    probabilities = torch.softmax(logits, dim=1).double()
     # float32 softmax rows sum to 1 +- 1e-7; log_loss warns unless they sum to 1 in float64.
     return (probabilities / probabilities.sum(dim=1, keepdim=True)).numpy()
 
@@ -81,6 +103,20 @@ def classification_metrics(
     }
 
 
+def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, Any]:
+    """Errors in target units, and r2 (1 is perfect, 0 is predicting the test mean)."""
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+    mse = float(mean_squared_error(y_true, y_pred))
+    return {
+        "mse": round(mse, 6),
+        "rmse": round(float(np.sqrt(mse)), 6),
+        "mae": round(float(mean_absolute_error(y_true, y_pred)), 6),
+        "r2": round(float(r2_score(y_true, y_pred)), 6),
+        "test_size": int(len(y_true)),
+    }
+
+
 def accuracy_by_length(
     lengths: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray
 ) -> dict[str, dict[str, Any]]:
@@ -101,25 +137,54 @@ def accuracy_by_length(
     return report
 
 
-def check_fits(spec: ModelSpec, meta: Meta, source: Path) -> None:
-    """The checkpoint must take this data: same kind, and the same input the network sees
-    (image shape, series channels, text vocabulary); sequences may differ in length."""
+def check_fits(checkpoint: Checkpoint, meta: Meta, source: Path) -> None:
+    """The checkpoint must take this data: same kind and task, the same input the network
+    sees (image shape, series channels, text vocabulary, tabular columns) and the same
+    classes; sequences may differ in length."""
+    spec = checkpoint.spec
     if spec.kind != meta.kind:
         raise StageError(
             f"checkpoint {source} was trained on {spec.kind} data but the prepared data is "
             f"{meta.kind}; retrain"
         )
-    expected, got = {
-        "image": (list(spec.input_shape), list(meta.input_shape)),
-        "series": (spec.channels, meta.input_shape[0]),
-        "text": (spec.vocab_size, meta.vocab_size),
+    if spec.task != meta.task:
+        raise StageError(
+            f"checkpoint {source} was trained for {spec.task} but the prepared data is a "
+            f"{meta.task} task; retrain"
+        )
+    problem = _input_problem(checkpoint, meta)
+    if problem:
+        raise StageError(f"checkpoint {source} expects {problem}; retrain")
+    if checkpoint.class_names != meta.class_names:
+        raise StageError(f"checkpoint {source} was trained on other classes; retrain")
+
+
+def _input_problem(checkpoint: Checkpoint, meta: Meta) -> str | None:
+    spec = checkpoint.spec
+    what, expected, got = {
+        "image": ("input", list(spec.input_shape), list(meta.input_shape)),
+        "series": ("channels", spec.channels, meta.input_shape[0]),
+        "text": ("vocabulary size", spec.vocab_size, meta.vocab_size),
+        "tabular": ("columns", spec.input_shape[0], meta.input_shape[0]),
     }[meta.kind]
     if expected != got:
-        what = {"image": "input", "series": "channels", "text": "vocabulary size"}[meta.kind]
-        raise StageError(
-            f"checkpoint {source} expects {what} {expected} but the prepared data has {got}; "
-            "retrain"
-        )
+        return f"{what} {expected} but the prepared data has {got}"
+    if meta.kind != "tabular":
+        return None
+    return _column_problem(checkpoint.data_meta().columns, meta.columns)
+
+
+def _column_problem(trained: tuple[Column, ...], data: tuple[Column, ...]) -> str | None:
+    """The first column whose name, type or categories (what its codes mean) differ."""
+    for old, new in zip(trained, data, strict=False):
+        if (old.name, old.type, old.categories) != (new.name, new.type, new.categories):
+            return f"{_describe(old)} but the prepared data has {_describe(new)}"
+    return None
+
+
+def _describe(column: Column) -> str:
+    described = f"{column.type} column {column.name!r}"
+    return described + (f" of categories {list(column.categories)}" if column.categories else "")
 
 
 def evaluate(
@@ -129,47 +194,81 @@ def evaluate(
     live_dir: Path = DEFAULT_LIVE_DIR,
     reports: Path = DEFAULT_REPORTS,
 ) -> dict[str, Any]:
+    """Write ``reports/metrics.json`` and ``reports/plots/`` for the test split."""
     meta = load_meta(data_dir)
     checkpoint = load_checkpoint(checkpoint_path)
-    check_fits(checkpoint.spec, meta, checkpoint_path)
-    if checkpoint.class_names != meta.class_names:
-        raise StageError(f"checkpoint {checkpoint_path} was trained on other classes; retrain")
+    check_fits(checkpoint, meta, checkpoint_path)
     with step("build model"):
-        model = checkpoint.build(str(checkpoint_path))
+        model = checkpoint.build(f"checkpoint {checkpoint_path}")
     with step("predict"):
         test = load_split("test", data_dir, meta)
-        probabilities = predict_probabilities(model, test.x, params.batch_size, test.lengths)
+        outputs = predict_outputs(model, test.x, params.batch_size, test.lengths)
+    if meta.is_regression:
+        return _evaluate_regression(test, outputs.double().numpy(), live_dir, reports)
+    return _evaluate_classification(test, outputs, meta.class_names, live_dir, reports)
+
+
+def _evaluate_classification(
+    test: Split,
+    logits: torch.Tensor,
+    class_names: tuple[str, ...],
+    live_dir: Path,
+    reports: Path,
+) -> dict[str, Any]:
+    probabilities = _probabilities(logits)
     predicted = probabilities.argmax(axis=1)
     with step("metrics"):
-        metrics = classification_metrics(test.y, probabilities, meta.class_names)
+        metrics = classification_metrics(test.y, probabilities, class_names)
         if test.lengths is not None:
             metrics["by_length"] = accuracy_by_length(test.lengths, test.y, predicted)
     write_json(reports / "metrics.json", metrics)
-    write_json(
-        reports / "confusion.json",
-        [
-            {"actual": meta.class_names[a], "predicted": meta.class_names[p]}
-            for a, p in zip(test.y.tolist(), predicted.tolist(), strict=True)
-        ],
-    )
-    with step("figures"):
-        _save_figures(test.y, predicted, meta.class_names, live_dir, reports)
+    confusion = [
+        {"actual": class_names[a], "predicted": class_names[p]}
+        for a, p in zip(test.y.tolist(), predicted.tolist(), strict=True)
+    ]
+    with step("figures"), atomic_path(reports / PLOTS_DIR) as plots:
+        plots.mkdir()
+        write_json(plots / "confusion.json", confusion)
+        _save_figure(_confusion_figure(test.y, predicted, class_names), plots / "confusion.png")
+        _save_figure(_training_curves(live_dir, "acc"), plots / "training_curves.png")
+    return metrics
+
+
+def _evaluate_regression(
+    test: Split, predicted: np.ndarray, live_dir: Path, reports: Path
+) -> dict[str, Any]:
+    actual = test.y.astype(np.float64)
+    with step("metrics"):
+        metrics = regression_metrics(actual, predicted)
+    write_json(reports / "metrics.json", metrics)
+    rows = [
+        {"actual": round(a, 6), "predicted": round(p, 6), "residual": round(a - p, 6)}
+        for a, p in zip(actual.tolist(), predicted.tolist(), strict=True)
+    ]
+    with step("figures"), atomic_path(reports / PLOTS_DIR) as plots:
+        plots.mkdir()
+        write_json(plots / "predictions.json", rows)
+        scatter, residuals = _regression_figures(actual, predicted)
+        _save_figure(scatter, plots / "predicted_vs_actual.png")
+        _save_figure(residuals, plots / "residuals.png")
+        _save_figure(_training_curves(live_dir, "rmse"), plots / "training_curves.png")
     return metrics
 
 
 # ---------------------------------------------------------------- figures
 
 
-def _save_figures(
-    y_true: np.ndarray,
-    y_pred: np.ndarray,
-    class_names: tuple[str, ...],
-    live_dir: Path,
-    reports: Path,
-) -> None:
+def _pyplot():  # noqa: ANN202 - the matplotlib.pyplot module
     import matplotlib
 
     matplotlib.use("Agg")  # no display on build machines
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _confusion_figure(y_true: np.ndarray, y_pred: np.ndarray, class_names: tuple[str, ...]):  # noqa: ANN202 - matplotlib Figure
+    _pyplot()
     from sklearn.metrics import ConfusionMatrixDisplay
 
     display = ConfusionMatrixDisplay.from_predictions(
@@ -180,19 +279,41 @@ def _save_figures(
         colorbar=False,
     )
     display.ax_.set_title("Confusion matrix (test split)")
-    _save_figure(display.figure_, reports / "confusion.png")
-    _save_figure(_training_curves(live_dir), reports / "training_curves.png")
+    return display.figure_
 
 
-def _training_curves(live_dir: Path):  # noqa: ANN202 - matplotlib Figure
-    import matplotlib.pyplot as plt
+def _regression_figures(actual: np.ndarray, predicted: np.ndarray) -> tuple[Any, Any]:
+    """Predicted against actual (on the diagonal when right), and the residuals (actual -
+    predicted) against the prediction, where a trend or a funnel shows a biased model."""
+    plt = _pyplot()
+    scatter, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(actual, predicted, s=12, alpha=0.6)
+    low, high = float(min(actual.min(), predicted.min())), float(max(actual.max(), predicted.max()))
+    ax.plot([low, high], [low, high], color="grey", linestyle="--", label="predicted = actual")
+    ax.set(title="Predicted vs actual (test split)", xlabel="actual", ylabel="predicted")
+    ax.legend()
+    scatter.tight_layout()
+    residuals, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(predicted, actual - predicted, s=12, alpha=0.6)
+    ax.axhline(0.0, color="grey", linestyle="--")
+    ax.set(title="Residuals (test split)", xlabel="predicted", ylabel="actual - predicted")
+    residuals.tight_layout()
+    return scatter, residuals
 
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+
+def _training_curves(live_dir: Path, metric: str):  # noqa: ANN202 - matplotlib Figure
+    """Loss and ``metric`` (acc or rmse) per epoch, train and val, from dvclive's files."""
+    plt = _pyplot()
+    fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(10, 4))
     for split in ("train", "val"):
-        for metric, ax in (("loss", loss_ax), ("acc", acc_ax)):
-            steps, values = _read_tsv(live_dir / "plots" / "metrics" / split / f"{metric}.tsv")
+        for name, ax in (("loss", loss_ax), (metric, metric_ax)):
+            steps, values = _read_tsv(live_dir / "plots" / "metrics" / split / f"{name}.tsv")
             ax.plot(steps, values, marker="o", label=split)
-    for ax, title in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+    loss_title, metric_title = {
+        "acc": ("loss", "accuracy"),
+        "rmse": ("loss (standardised target)", "RMSE (target units)"),
+    }[metric]
+    for ax, title in ((loss_ax, loss_title), (metric_ax, metric_title)):
         ax.set_title(title)
         ax.set_xlabel("epoch (step)")
         ax.legend()
@@ -232,16 +353,20 @@ def command(
         Path, typer.Option(help="dvclive directory of the training run (for the curves).")
     ] = DEFAULT_LIVE_DIR,
     reports: Annotated[
-        Path, typer.Option(help="Directory for metrics.json, confusion.json and PNGs.")
+        Path, typer.Option(help="Directory for metrics.json and plots/ (DVC plots, PNGs).")
     ] = DEFAULT_REPORTS,
 ) -> None:
     """Evaluate the checkpoint on the test split."""
     params = load_with_overrides("evaluate", EvaluateParams, params_file)
     metrics = evaluate(params, data_dir, checkpoint, live_dir, reports)
-    typer.echo(
-        f"test accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['f1_macro']:.4f}, "
-        f"log loss {metrics['log_loss']:.4f} -> {reports / 'metrics.json'}"
-    )
+    if "rmse" in metrics:
+        summary = f"rmse {metrics['rmse']:.4f}, mae {metrics['mae']:.4f}, r2 {metrics['r2']:.4f}"
+    else:
+        summary = (
+            f"accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['f1_macro']:.4f}, "
+            f"log loss {metrics['log_loss']:.4f}"
+        )
+    typer.echo(f"test {summary} -> {reports / 'metrics.json'}")
 
 
 def main() -> None:

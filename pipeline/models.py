@@ -1,31 +1,41 @@
-"""The model registries: image networks and sequence networks.
+"""The model registries: image, sequence and tabular networks, and ``build_module``.
 
 Image networks take normalised float images (N, C, H, W); ``Preprocess`` turns raw uint8
 pixels into that input. Sequence networks take features (N, T, F) and a boolean mask
 (N, T); ``SequenceClassifier`` turns token ids (text) or raw values (series) into those
-features. Training and export wrap the same module around the network, so clients send
-raw inputs and there is no train/serve skew.
+features. Tabular networks take the encoded row (N, W); ``TabularPreprocess`` turns raw
+feature values into it. Training and export wrap the same module around the network, so
+clients send raw inputs and there is no train/serve skew.
+
+``build_module(spec, meta)`` is that unit: logits [N, classes] for classification, or for
+regression the prediction float32 [N] in target units (``Regressor``: the network learns
+the standardised target, the unit ends in ``* target_std + target_mean``). A user's
+``package.module:factory`` model (pipeline/user_model.py) gets the same regression head.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
+from pipeline.dataset import CATEGORICAL, NUMERIC, Column, Meta
 from pipeline.errors import StageError
+from pipeline.params import is_import_path
+from pipeline.user_model import user_network
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything needed to rebuild a network; stored in the checkpoint."""
 
-    name: str
-    input_shape: tuple[int, ...]  # image: C, H, W; text: L; series: C, T
-    num_classes: int
+    name: str  # a registered model, or a user's "package.module:factory"
+    input_shape: tuple[int, ...]  # image: C, H, W; text: L; series: C, T; tabular: F
+    num_classes: int  # the head's outputs: one per class, or 1 (regression; Meta.num_outputs)
     width: int = 32
     hidden: tuple[int, ...] = (256, 128)
     kind: str = "image"  # image, text or series (pipeline.dataset.LAYOUTS)
@@ -34,11 +44,14 @@ class ModelSpec:
     bidirectional: bool = True
     dropout: float = 0.1
     heads: int = 4
+    task: str = "classification"  # or regression (pipeline.dataset.TASKS)
+    batch_norm: bool = False  # mlp: BatchNorm1d after each hidden layer
+    options: dict[str, Any] = field(default_factory=dict)  # a user factory's, verbatim
 
     @property
     def channels(self) -> int:
-        """Input channels: images and series; text has none (0)."""
-        return 0 if self.kind == "text" else self.input_shape[0]
+        """Input channels: images and series; text and tabular have none (0)."""
+        return self.input_shape[0] if self.kind in ("image", "series") else 0
 
     def to_dict(self) -> dict:
         return {
@@ -53,11 +66,18 @@ class ModelSpec:
             "bidirectional": self.bidirectional,
             "dropout": self.dropout,
             "heads": self.heads,
+            "task": self.task,
+            "batch_norm": self.batch_norm,
+            "options": dict(self.options),
         }
 
     @classmethod
     def from_dict(cls, values: dict) -> ModelSpec:
-        """Checkpoints written before sequence models lack the later keys: the defaults."""
+        """Checkpoints written before sequence models or tabular data lack the later keys:
+        the defaults, which rebuild what those checkpoints trained."""
+        # Before batch_norm existed the mlp had neither batch norm nor dropout (whatever
+        # dropout said); a Dropout layer would shift the Sequential's state-dict keys.
+        legacy_mlp = "batch_norm" not in values and values["name"] == "mlp"
         return cls(
             name=str(values["name"]),
             input_shape=tuple(int(v) for v in values["input_shape"]),
@@ -68,8 +88,11 @@ class ModelSpec:
             vocab_size=int(values.get("vocab_size", 0)),
             layers=int(values.get("layers", 2)),
             bidirectional=bool(values.get("bidirectional", True)),
-            dropout=float(values.get("dropout", 0.1)),
+            dropout=0.0 if legacy_mlp else float(values.get("dropout", 0.1)),
             heads=int(values.get("heads", 4)),
+            task=str(values.get("task", "classification")),
+            batch_norm=bool(values.get("batch_norm", False)),
+            options=dict(values.get("options", {})),
         )
 
 
@@ -170,15 +193,38 @@ class ResNet(nn.Module):
         return self.net(x) * 0.125
 
 
+def mlp_layers(size_in: int, spec: ModelSpec) -> list[nn.Module]:
+    """[Linear -> BatchNorm1d (batch_norm) -> ReLU -> Dropout (dropout > 0)] per hidden
+    width, then Linear to the outputs; no hidden widths is a linear model."""
+    _check_mlp(spec)
+    layers: list[nn.Module] = []
+    for size in spec.hidden:
+        # Batch norm's shift takes the place of the linear layer's bias.
+        layers.append(nn.Linear(size_in, size, bias=not spec.batch_norm))
+        if spec.batch_norm:
+            layers.append(nn.BatchNorm1d(size))
+        layers.append(nn.ReLU())
+        if spec.dropout:
+            layers.append(nn.Dropout(spec.dropout))
+        size_in = size
+    layers.append(nn.Linear(size_in, spec.num_classes))
+    return layers
+
+
+def _check_mlp(spec: ModelSpec) -> None:
+    if any(size < 1 for size in spec.hidden):
+        raise StageError(f"model.hidden sizes must be at least 1, got {list(spec.hidden)}")
+    if not 0 <= spec.dropout < 1:
+        raise StageError(f"model.dropout must be in [0, 1), got {spec.dropout}")
+
+
 class MLP(nn.Module):
+    """The mlp on images: flattened pixels into ``mlp_layers``."""
+
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
-        sizes = [spec.input_shape[0] * spec.input_shape[1] * spec.input_shape[2], *spec.hidden]
-        layers: list[nn.Module] = [nn.Flatten()]
-        for size_in, size_out in zip(sizes, sizes[1:], strict=False):
-            layers += [nn.Linear(size_in, size_out), nn.ReLU()]
-        layers.append(nn.Linear(sizes[-1], spec.num_classes))
-        self.net = nn.Sequential(*layers)
+        size_in = math.prod(spec.input_shape)
+        self.net = nn.Sequential(nn.Flatten(), *mlp_layers(size_in, spec))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -197,17 +243,30 @@ def build_model(spec: ModelSpec) -> nn.Module:
     return REGISTRY[spec.name](spec)
 
 
+def _registries() -> dict[str, dict[str, Callable[..., nn.Module]]]:
+    """Per kind of data, the models that take it."""
+    return {
+        "image": REGISTRY,
+        "text": SEQUENCE_REGISTRY,
+        "series": SEQUENCE_REGISTRY,
+        "tabular": TABULAR_REGISTRY,
+    }
+
+
 def _check_kind(spec: ModelSpec) -> None:
     """One clear error for an unknown name or a model of the wrong kind for the data."""
-    sequence = spec.name in SEQUENCE_REGISTRY
-    if not sequence and spec.name not in REGISTRY:
-        known = ", ".join(sorted({*REGISTRY, *SEQUENCE_REGISTRY}))
+    registries = _registries()
+    kinds = [kind for kind, registry in registries.items() if spec.name in registry]
+    if not kinds:
+        known = ", ".join(sorted({name for r in registries.values() for name in r}))
         raise StageError(f"unknown model {spec.name!r} (known: {known})")
-    if sequence != (spec.kind != "image"):
-        fitting = SEQUENCE_REGISTRY if spec.kind != "image" else REGISTRY
+    if spec.kind not in kinds:
+        groups = dict.fromkeys("sequence" if k in ("text", "series") else k for k in kinds)
+        what = " and ".join(groups)
+        article = "an" if what[0] in "aeiou" else "a"
         raise StageError(
-            f"model {spec.name!r} is {'a sequence' if sequence else 'an image'} model but the "
-            f"prepared data is {spec.kind}; set model.name to one of {', '.join(fitting)}"
+            f"model {spec.name!r} is {article} {what} model but the prepared data is "
+            f"{spec.kind}; set model.name to one of {', '.join(registries[spec.kind])}"
         )
 
 
@@ -223,12 +282,45 @@ class Classifier(nn.Module):
         return self.network(self.preprocess(pixels))
 
 
-def build_classifier(spec: ModelSpec, mean: Sequence[float], std: Sequence[float]) -> nn.Module:
-    """The trained, evaluated and exported unit for ``spec``'s kind of data."""
+class Regressor(nn.Module):
+    """A network predicting the standardised target ([N] or [N, 1]) -> float32 [N] in
+    target units, so the exported graph answers in the units the data came in."""
+
+    def __init__(self, network: nn.Module, target_mean: float, target_std: float) -> None:
+        super().__init__()
+        self.network = network
+        self.register_buffer("target_mean", torch.tensor(target_mean, dtype=torch.float32))
+        self.register_buffer("target_std", torch.tensor(target_std, dtype=torch.float32))
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.network(*inputs).flatten() * self.target_std + self.target_mean
+
+
+def build_module(spec: ModelSpec, meta: Meta) -> nn.Module:
+    """The trained, evaluated and exported unit for ``spec`` on data described by ``meta``:
+    raw prepared inputs in, logits [N, classes] or (regression) float32 [N] out."""
+    network = _build_network(spec, meta)
+    if meta.is_regression:
+        return Regressor(network, meta.target_mean, meta.target_std)
+    return network
+
+
+def _build_network(spec: ModelSpec, meta: Meta) -> nn.Module:
+    if is_import_path(spec.name):
+        return user_network(spec.name, meta, spec.options)
     _check_kind(spec)
     if spec.kind == "image":
-        return Classifier(spec, mean, std)
-    return SequenceClassifier(spec, mean, std)
+        return Classifier(spec, meta.mean, meta.std)
+    if spec.kind == "tabular":
+        return TabularModel(spec, meta.columns)
+    return SequenceClassifier(spec, meta.mean, meta.std)
+
+
+def network_output(module: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    """What ``build_module``'s unit computes before its regression head, if it has one:
+    the shape a user's factory must get right."""
+    network = module.network if isinstance(module, Regressor) else module
+    return network(*inputs)
 
 
 # ---------------------------------------------------------------- sequences
@@ -465,3 +557,84 @@ class SequenceClassifier(nn.Module):
             features = torch.where(keep[:, None, :], standard, torch.zeros_like(standard))
             features = features.transpose(1, 2)
         return self.network(features, keep)
+
+
+# ---------------------------------------------------------------- tabular
+
+
+class TabularPreprocess(nn.Module):
+    """Raw tabular rows float32 [N, F] (``columns`` order) -> the encoded row [N, W].
+
+    Per column, in order: a numeric column is one value, standardised by the train split's
+    mean/std; a categorical column is a one-hot block over its categories, where a code
+    outside 0..K-1 (UNSEEN_CODE, -1) is all zeros. NaN (a missing cell) first becomes the
+    column's ``fill`` where it has one. One gather, one compare and one where: ops that
+    torch's dynamo exporter and TensorRT take, with no strings. User factories may use it.
+    """
+
+    def __init__(self, columns: Sequence[Column]) -> None:
+        super().__init__()
+        source, code, mean, std = [], [], [], []
+        for index, column in enumerate(columns):
+            width = _encoded_width(column)
+            source += [index] * width
+            is_numeric = column.type == NUMERIC
+            code += [-1.0] if is_numeric else [float(c) for c in range(width)]
+            mean += [column.mean] if is_numeric else [0.0] * width
+            # A constant train column has std 0: centring alone maps it to 0.
+            std += [column.std or 1.0] if is_numeric else [1.0] * width
+        self.out_features = len(source)
+        fills = [math.nan if c.fill is None else c.fill for c in columns]
+        self.impute = any(c.fill is not None for c in columns)
+        self.register_buffer("fill", torch.tensor(fills, dtype=torch.float32))
+        self.register_buffer("source", torch.tensor(source, dtype=torch.int64))
+        self.register_buffer("code", torch.tensor(code, dtype=torch.float32))
+        self.register_buffer("one_hot", torch.tensor([c >= 0 for c in code], dtype=torch.bool))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = features.float()
+        if self.impute:  # fixed per model, so the graph has no IsNaN when nothing is filled
+            x = torch.where(torch.isnan(x), self.fill, x)
+        slots = x[:, self.source]
+        hot = (slots == self.code).to(slots.dtype)
+        return torch.where(self.one_hot, hot, (slots - self.mean) / self.std)
+
+
+def _encoded_width(column: Column) -> int:
+    if column.type == NUMERIC:
+        return 1
+    if column.type == CATEGORICAL and column.categories:
+        return len(column.categories)
+    raise StageError(
+        f"column {column.name!r}: type must be {NUMERIC} or {CATEGORICAL} with categories, "
+        f"got {column.type!r} with {len(column.categories)} categories"
+    )
+
+
+def tabular_mlp(spec: ModelSpec, input_size: int) -> nn.Module:
+    """The mlp on tabular data: ``mlp_layers`` over the encoded row."""
+    return nn.Sequential(*mlp_layers(input_size, spec))
+
+
+TABULAR_REGISTRY: dict[str, Callable[[ModelSpec, int], nn.Module]] = {"mlp": tabular_mlp}
+
+
+class TabularModel(nn.Module):
+    """Raw feature rows float32 [N, F] (NaN where missing, under impute) in, logits
+    [N, classes] (or the standardised target [N, 1]) out."""
+
+    def __init__(self, spec: ModelSpec, columns: Sequence[Column]) -> None:
+        super().__init__()
+        _check_kind(spec)
+        if len(columns) != spec.input_shape[0]:
+            raise StageError(
+                f"model input has {spec.input_shape[0]} features but meta.json lists "
+                f"{len(columns)} columns"
+            )
+        self.preprocess = TabularPreprocess(columns)
+        self.network = TABULAR_REGISTRY[spec.name](spec, self.preprocess.out_features)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.network(self.preprocess(features))

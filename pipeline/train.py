@@ -1,10 +1,12 @@
 """train stage: fit the configured model on the prepared train split, log curves, checkpoint.
 
 The whole data set lives on the training device as stored (uint8 pixels, token ids, raw
-series) when it fits, batches are drawn with a seeded generator, and on CPU the run is
-deterministic: the same params and data give the same weights and metrics. Sequence
-batches are cut to their longest row and carry a mask from the lengths; only images are
-augmented. On CUDA the step runs in bf16 autocast, images as channels_last tensors.
+series, tabular rows) when it fits, batches are drawn with a seeded generator, and on CPU
+the run is deterministic: the same params and data give the same weights and metrics.
+Sequence batches are cut to their longest row and carry a mask from the lengths; only
+images are augmented. On CUDA the step runs in bf16 autocast, images as channels_last
+tensors. Classification logs loss and accuracy per epoch; regression logs loss (on the
+standardised target) and RMSE in target units.
 """
 
 from __future__ import annotations
@@ -25,19 +27,116 @@ from pipeline.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, save_checkpoint
 from pipeline.dataset import DEFAULT_DIR, Meta, Split, load_meta, load_split
 from pipeline.distributed import World, all_sum, process_group, shard_batches, world_from_env
 from pipeline.errors import StageError, exit_on_stage_error, run_command, step
-from pipeline.models import ModelSpec, build_classifier
-from pipeline.params import ModelParams, TrainParams, as_dict, load_with_overrides
+from pipeline.models import ModelSpec, build_module, network_output
+from pipeline.params import ModelParams, TrainParams, as_dict, is_import_path, load_with_overrides
+from pipeline.user_model import check_output
 
 DEFAULT_LIVE_DIR = Path("dvclive")
+# The losses each task can train with; train.loss auto picks the first.
+TASK_LOSSES = {"classification": ("cross_entropy",), "regression": ("mse", "huber")}
 
 
 @dataclass(frozen=True)
 class EpochStats:
+    """One epoch: the loss, and accuracy (classification) or RMSE in target units
+    (regression), of the train and validation splits; the other task's figures are None."""
+
     train_loss: float
-    train_acc: float
     val_loss: float
-    val_acc: float
     samples_per_s: float
+    train_acc: float | None = None
+    val_acc: float | None = None
+    train_rmse: float | None = None
+    val_rmse: float | None = None
+
+    def logged(self) -> dict[str, float]:
+        """The figures this task has, by dvclive name (train/loss, val/rmse, ...)."""
+        names = ("loss", "acc", "rmse")
+        values = {f"{s}/{n}": getattr(self, f"{s}_{n}") for s in ("train", "val") for n in names}
+        return {name: round(value, 6) for name, value in values.items() if value is not None}
+
+    def line(self) -> str:
+        """``train loss 0.1234 acc 0.9500 | val loss ... | 1,234 samples/s``"""
+        parts: dict[str, list[str]] = {"train": [], "val": []}
+        for name, value in self.logged().items():
+            split, metric = name.split("/")
+            parts[split].append(f"{metric} {value:.4f}")
+        splits = [f"{split} {' '.join(figures)}" for split, figures in parts.items()]
+        return " | ".join([*splits, f"{self.samples_per_s:,.0f} samples/s"])
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The task's loss, and its score: accuracy, or RMSE in target units."""
+
+    loss: str  # cross_entropy, mse or huber
+    label_smoothing: float = 0.0
+    target_mean: float = 0.0
+    target_std: float = 1.0
+
+    @property
+    def metric(self) -> str:
+        return "acc" if self.loss == "cross_entropy" else "rmse"
+
+    def __call__(
+        self, out: torch.Tensor, y: torch.Tensor, reduction: str = "mean", smooth: bool = True
+    ) -> torch.Tensor:
+        if self.loss == "cross_entropy":
+            smoothing = self.label_smoothing if smooth else 0.0
+            return F.cross_entropy(out, y, label_smoothing=smoothing, reduction=reduction)
+        # On the standardised target: the loss scale, the learning rate that suits it and
+        # huber's delta of 1 do not depend on the target's units.
+        scale = self.target_std or 1.0
+        pred, true = (out - self.target_mean) / scale, (y - self.target_mean) / scale
+        fn = F.mse_loss if self.loss == "mse" else F.huber_loss
+        return fn(pred, true, reduction=reduction)
+
+    def score_sum(self, out: torch.Tensor, y: torch.Tensor) -> float:
+        """Correct predictions, or squared errors in target units, summed over a batch."""
+        if self.metric == "acc":
+            return float((out.argmax(1) == y).sum())
+        return float(((out.double() - y.double()) ** 2).sum())
+
+    def score(self, total: float, count: float) -> float:
+        return total / count if self.metric == "acc" else math.sqrt(total / count)
+
+
+def build_objective(params: TrainParams, meta: Meta) -> Objective:
+    """train.loss for the data's task; a loss of the other task is a StageError."""
+    allowed = TASK_LOSSES[meta.task]
+    loss = allowed[0] if params.loss == "auto" else params.loss
+    if loss not in allowed:
+        other = "classification" if meta.is_regression else "regression"
+        raise StageError(
+            f"train.loss {loss} is a {other} loss but the prepared data is a {meta.task} task; "
+            f"set it to auto or {' or '.join(allowed)}"
+        )
+    if meta.is_regression and params.label_smoothing:
+        raise StageError(
+            f"train.label_smoothing {params.label_smoothing} applies to classification only, "
+            "but the prepared data is a regression task; set it to 0"
+        )
+    return Objective(loss, params.label_smoothing, meta.target_mean, meta.target_std)
+
+
+def model_spec(meta: Meta, params: ModelParams) -> ModelSpec:
+    """What the checkpoint needs to rebuild the model: the params and the data's shape."""
+    return ModelSpec(
+        name=params.name,
+        input_shape=meta.input_shape,
+        num_classes=meta.num_outputs,
+        width=params.width,
+        hidden=params.hidden,
+        kind=meta.kind,
+        vocab_size=meta.vocab_size,
+        layers=params.layers,
+        bidirectional=params.bidirectional,
+        dropout=params.dropout,
+        heads=params.heads,
+        task=meta.task,
+        batch_norm=params.batch_norm,
+        options=dict(params.options),
+    )
 
 
 # ---------------------------------------------------------------- setup
@@ -102,6 +201,15 @@ def build_schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
+def epoch_batches(order: torch.Tensor, batch_size: int, world: World) -> list[torch.Tensor]:
+    """This rank's batches of an epoch; a last batch of one row joins the one before,
+    since BatchNorm1d cannot take a training step on a single row."""
+    batches = shard_batches(order, batch_size, world)
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
+
+
 def random_translate(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
     """Shift each image by up to ``pad`` pixels in each direction (zero fill)."""
     n, _, h, w = x.shape
@@ -126,23 +234,14 @@ class Trainer:
         torch.manual_seed(params.seed)
         if self.device.type == "cpu":
             torch.use_deterministic_algorithms(True)
-        self.spec = ModelSpec(
-            name=model_params.name,
-            input_shape=meta.input_shape,
-            num_classes=len(meta.class_names),
-            width=model_params.width,
-            hidden=model_params.hidden,
-            kind=meta.kind,
-            vocab_size=meta.vocab_size,
-            layers=model_params.layers,
-            bidirectional=model_params.bidirectional,
-            dropout=model_params.dropout,
-            heads=model_params.heads,
-        )
-        self.model = build_classifier(self.spec, meta.mean, meta.std).to(self.device)
+        self.meta = meta
+        self.objective = build_objective(params, meta)
+        self.spec = model_spec(meta, model_params)
+        self.model = build_module(self.spec, meta).to(self.device)
         self.cuda = self.device.type == "cuda"
-        self.augment = params.augment and not meta.is_sequence
-        if self.cuda and not meta.is_sequence:
+        self.images = meta.kind == "image"
+        self.augment = params.augment and self.images
+        if self.cuda and self.images:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.step_model = self._wrap_for_ddp(self.model)
         # The batch order must agree across ranks; the augmentation must not.
@@ -150,7 +249,6 @@ class Trainer:
         self.augment_generator = torch.Generator(device=self.device).manual_seed(
             params.seed + world.rank
         )
-        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=params.label_smoothing)
 
     def _wrap_for_ddp(self, model: nn.Module) -> nn.Module:
         if not self.world.active:
@@ -167,7 +265,7 @@ class Trainer:
         x, y = data.x[index], data.y[index].to(self.device, non_blocking=True)
         if data.lengths is None:
             x = x.to(self.device, non_blocking=True)
-            if self.cuda:
+            if self.cuda and self.images:
                 x = x.contiguous(memory_format=torch.channels_last)
             return [x], y
         # Cut to the batch's longest row: the padding after it is masked anyway.
@@ -184,23 +282,42 @@ class Trainer:
     @step("fit")
     def fit(self, train: Split, val: Split, on_epoch) -> None:  # noqa: ANN001 - callback
         train_data, val_data = _to_device(train, self.device), _to_device(val, self.device)
-        steps_per_epoch = math.ceil(len(train_data) / self.params.batch_size)
+        if is_import_path(self.spec.name):
+            self._check_user_output(train_data)
+        rows = torch.arange(len(train_data))
+        steps_per_epoch = len(epoch_batches(rows, self.params.batch_size, self.world))
         optimizer = build_optimizer(self.step_model, self.params)
         schedule = build_schedule(optimizer, self.params, steps_per_epoch * self.params.epochs)
+        metric = self.objective.metric
         for epoch in range(1, self.params.epochs + 1):
             started = time.perf_counter()
-            loss, acc = self._train_epoch(train_data, optimizer, schedule, epoch)
+            loss, score = self._train_epoch(train_data, optimizer, schedule, epoch)
             elapsed = time.perf_counter() - started
-            val_loss, val_acc = self.evaluate(val_data)
-            on_epoch(epoch, EpochStats(loss, acc, val_loss, val_acc, len(train_data) / elapsed))
+            val_loss, val_score = self.evaluate(val_data)
+            stats = EpochStats(
+                train_loss=loss,
+                val_loss=val_loss,
+                samples_per_s=len(train_data) / elapsed,
+                **{f"train_{metric}": score, f"val_{metric}": val_score},
+            )
+            on_epoch(epoch, stats)
+
+    @torch.no_grad()
+    def _check_user_output(self, data: Tensors) -> None:
+        """A factory's module of the wrong output shape fails here, in one line, not as a
+        shape error deep inside the loss. Eval mode: no batch-norm statistics move."""
+        self.model.eval()
+        inputs, _ = self._batch(data, slice(0, self.params.batch_size))
+        output = network_output(self.model, *inputs)
+        check_output(output, len(inputs[0]), self.meta, self.spec.name)
 
     def _train_epoch(self, data: Tensors, optimizer, schedule, epoch: int) -> tuple[float, float]:  # noqa: ANN001
         from tqdm import tqdm
 
         self.step_model.train()
         order = torch.randperm(len(data), generator=self.order_generator)
-        batches = shard_batches(order, self.params.batch_size, self.world)
-        total_loss, correct, seen = 0.0, 0, 0
+        batches = epoch_batches(order, self.params.batch_size, self.world)
+        total_loss, score, seen = 0.0, 0.0, 0
         bar = tqdm(
             batches,
             desc=f"epoch {epoch}/{self.params.epochs}",
@@ -212,30 +329,31 @@ class Trainer:
             inputs, yb = self._batch(data, index)
             if self.augment:
                 inputs[0] = random_translate(inputs[0], self.augment_generator)
-            logits = self._forward(self.step_model, inputs)
-            loss = self.loss_fn(logits, yb)
+            out = self._forward(self.step_model, inputs)
+            loss = self.objective(out, yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
             total_loss += loss.item() * len(yb)
-            correct += int((logits.argmax(1) == yb).sum())
+            score += self.objective.score_sum(out.detach(), yb)
             seen += len(yb)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        total_loss, correct, seen = all_sum([total_loss, correct, seen], self.world, self.device)
-        return total_loss / seen, correct / seen
+        total_loss, score, seen = all_sum([total_loss, score, seen], self.world, self.device)
+        return total_loss / seen, self.objective.score(score, seen)
 
     @torch.no_grad()
     def evaluate(self, data: Tensors) -> tuple[float, float]:
-        """Every rank scores the whole validation split, so all ranks agree without talking."""
+        """Loss (without label smoothing) and score of a split. Every rank scores the whole
+        validation split, so all ranks agree without talking."""
         self.model.eval()
-        total_loss, correct = 0.0, 0
+        total_loss, score = 0.0, 0.0
         for start in range(0, len(data), 512):
             inputs, yb = self._batch(data, slice(start, start + 512))
-            logits = self._forward(self.model, inputs)
-            total_loss += float(F.cross_entropy(logits, yb, reduction="sum"))
-            correct += int((logits.argmax(1) == yb).sum())
-        return total_loss / len(data), correct / len(data)
+            out = self._forward(self.model, inputs)
+            total_loss += float(self.objective(out, yb, reduction="sum", smooth=False))
+            score += self.objective.score_sum(out, yb)
+        return total_loss / len(data), self.objective.score(score, len(data))
 
 
 def train(
@@ -275,6 +393,7 @@ def train(
                     data_fingerprint=meta.fingerprint,
                     params=resolved,
                     params_hash=params_hash({**resolved, "data": meta.fingerprint}),
+                    meta=meta,
                 ),
                 checkpoint_path,
             )
@@ -291,16 +410,10 @@ def _fit_logged(
 
         def on_epoch(epoch: int, stats: EpochStats) -> None:
             history.append(stats)
-            for name in ("train_loss", "train_acc", "val_loss", "val_acc"):
-                split, metric = name.split("_")
-                live.log_metric(f"{split}/{metric}", round(getattr(stats, name), 6))
+            for name, value in stats.logged().items():
+                live.log_metric(name, value)
             live.next_step()
-            typer.echo(
-                f"epoch {epoch}/{epochs}: train loss {stats.train_loss:.4f} "
-                f"acc {stats.train_acc:.4f} | val loss {stats.val_loss:.4f} "
-                f"acc {stats.val_acc:.4f} | {stats.samples_per_s:,.0f} samples/s",
-                err=True,
-            )
+            typer.echo(f"epoch {epoch}/{epochs}: {stats.line()}", err=True)
 
         trainer.fit(train_split, val_split, on_epoch)
 
@@ -328,9 +441,9 @@ def command(
     train_params = load_with_overrides("train", TrainParams, params_file)
     history = train(model_params, train_params, data_dir, checkpoint, live_dir)
     if world_from_env().is_main:
-        typer.echo(
-            f"trained {model_params.name}: val acc {history[-1].val_acc:.4f} -> {checkpoint}"
-        )
+        last = history[-1]
+        metric, value = ("rmse", last.val_rmse) if last.val_acc is None else ("acc", last.val_acc)
+        typer.echo(f"trained {model_params.name}: val {metric} {value:.4f} -> {checkpoint}")
 
 
 def main() -> None:

@@ -94,11 +94,27 @@ def test_a_changed_helper_makes_the_stages_that_import_it_stale(repo):
 
 
 def test_plots_render_offline(repo):
+    assert sorted(p.name for p in (repo / "reports" / "plots").iterdir()) == [
+        "confusion.json",
+        "confusion.png",
+        "training_curves.png",
+    ]
     sh("dvc", "plots", "show", "-o", "plots_out", cwd=repo)
     page = (repo / "plots_out" / "index.html").read_text()
     assert "cdn.jsdelivr" not in page and "<script src=" not in page
     assert page.count("vegaEmbed(") >= 3  # loss, accuracy, confusion matrix
     assert "vega-lite" in page  # the inlined library
+    assert "static/workspace_reports_plots_training_curves.png" in page
+    # dvc.yaml lists the regression plots too; a classification run skips them.
+    shown = json.loads(sh("dvc", "plots", "show", "--json", cwd=repo).stdout)
+    assert {"Training curves (accuracy)", "reports/plots/confusion.json"} <= set(shown["data"])
+    assert {error["source"] for error in shown["errors"]} == {
+        "dvclive/plots/metrics/train/rmse.tsv",
+        "dvclive/plots/metrics/val/rmse.tsv",
+        "reports/plots/predictions.json",
+        "reports/plots/predicted_vs_actual.png",
+        "reports/plots/residuals.png",
+    }
 
 
 def test_forced_rerun_gives_byte_identical_metrics(repo):

@@ -56,8 +56,8 @@ def test_sequence_metrics_with_accuracy_by_length(tmp_path, trained, kind):
     )
     assert json.loads((tmp_path / "reports" / "metrics.json").read_text()) == metrics
     for png in ("confusion.png", "training_curves.png"):
-        assert (tmp_path / "reports" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    confusion = json.loads((tmp_path / "reports" / "confusion.json").read_text())
+        assert (tmp_path / "reports" / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    confusion = json.loads((tmp_path / "reports" / "plots" / "confusion.json").read_text())
     assert len(confusion) == 48
 
 

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.dataset import Meta
 from pipeline.errors import StageError
 from pipeline.models import (
     FCN,
     ModelSpec,
     SequenceClassifier,
-    build_classifier,
     build_model,
+    build_module,
     reverse_within_length,
 )
 
@@ -26,6 +27,12 @@ def spec(name: str, kind: str, **overrides) -> ModelSpec:
     shape = (STEPS,) if kind == "text" else (CHANNELS, STEPS)
     values = {"width": 8, "layers": 2, "heads": 2, "vocab_size": VOCAB if kind == "text" else 0}
     return ModelSpec(name, shape, 3, kind=kind, **{**values, **overrides})
+
+
+def meta_of(spec: ModelSpec, mean: tuple, std: tuple) -> Meta:
+    """The Meta that data fitting ``spec`` would have (what build_module reads)."""
+    classes = tuple(f"class_{i}" for i in range(spec.num_classes))
+    return Meta(classes, spec.input_shape, mean, std, {}, "", {}, kind=spec.kind)
 
 
 def model(name: str, kind: str, **overrides) -> SequenceClassifier:
@@ -185,7 +192,8 @@ def test_exports_with_dynamic_batch_and_length_and_matches_onnxruntime(
 def test_model_of_the_wrong_kind_is_one_clear_error(name, kind, message):
     shape = (1, 8, 8) if kind == "image" else (2, 8)
     with pytest.raises(StageError, match=message):
-        build_classifier(ModelSpec(name, shape, 2, kind=kind), (0.0,), (1.0,))
+        wrong = ModelSpec(name, shape, 2, kind=kind)
+        build_module(wrong, meta_of(wrong, (0.0,), (1.0,)))
     with pytest.raises(StageError, match=message):
         (build_model if kind == "image" else lambda s: SequenceClassifier(s, (), ()))(
             ModelSpec(name, shape, 2, kind=kind)
@@ -211,4 +219,4 @@ def test_specs_round_trip_and_old_checkpoints_read_as_images():
     old = {"name": "mlp", "input_shape": [1, 8, 8], "num_classes": 3, "width": 4, "hidden": [16]}
     restored = ModelSpec.from_dict(old)
     assert restored.kind == "image" and restored.vocab_size == 0 and restored.channels == 1
-    assert isinstance(build_classifier(restored, (0.5,), (0.2,)), torch.nn.Module)
+    assert isinstance(build_module(restored, meta_of(restored, (0.5,), (0.2,))), torch.nn.Module)

@@ -75,9 +75,12 @@ def test_batches_are_cut_to_their_longest_row(prepared):
     assert y.tolist() == data.y[index].tolist()
 
 
-@pytest.mark.parametrize(("kind", "name"), [("text", "seed_cnn"), ("series", "mlp")])
-def test_image_model_on_sequence_data_is_one_clear_error(tmp_path, prepared, kind, name):
-    with pytest.raises(StageError, match=f"model '{name}' is an image model .* {kind}"):
+@pytest.mark.parametrize(
+    ("kind", "name", "what"),
+    [("text", "seed_cnn", "an image"), ("series", "mlp", "an image and tabular")],
+)
+def test_image_model_on_sequence_data_is_one_clear_error(tmp_path, prepared, kind, name, what):
+    with pytest.raises(StageError, match=f"model '{name}' is {what} model .* {kind}"):
         run(tmp_path, prepared[kind], ModelParams(name=name))
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
