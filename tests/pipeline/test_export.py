@@ -121,10 +121,14 @@ def test_int8_is_symmetric_per_channel_qdq(shared):
     assert not any(n.input[0] == softmax.output[0] for n in quantize), "probabilities stay float"
 
 
-def test_fp16_holds_half_precision_weights(shared):
+def test_fp16_holds_half_precision_weights_and_fp32_preprocessing(shared):
     model = onnx.load(str(shared.variant("fp16")))
-    types = {i.data_type for i in model.graph.initializer if len(i.dims) == 4}
-    assert types == {onnx.TensorProto.FLOAT16}
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    weights = {types[n.input[1]] for n in model.graph.node if n.op_type in ("Conv", "Gemm")}
+    assert weights == {onnx.TensorProto.FLOAT16}
+    # The normalisation before the first conv stays fp32 (quantize.float_ends).
+    stats = {types[n.input[1]] for n in model.graph.node if n.op_type in ("Sub", "Div")}
+    assert stats == {onnx.TensorProto.FLOAT}
 
 
 # Parity
