@@ -31,11 +31,9 @@ from serving.contract import (
     KEY_MODEL_NAME,
     LOGITS_NAME,
     PROBABILITIES_NAME,
-    ContractError,
     ModelContract,
     PaddedInput,
     SequencePreprocessing,
-    check_io,
 )
 
 PROBE_LENGTHS = (2, 7)  # and the maximum length; 7: an odd size a constant is unlikely to hit
@@ -286,14 +284,6 @@ def require_parity(parity: SequenceParity, atol: float) -> None:
     )
 
 
-def check_graph_io(path: Path, contract: ModelContract) -> None:
-    """The graph must take what its contract says a server will send (serving's own check)."""
-    try:
-        check_io(contract, onnx_tools.signature(onnx_tools.session(path)), path.name)
-    except ContractError as exc:
-        raise StageError(str(exc)) from None
-
-
 # Variants
 
 
@@ -353,7 +343,7 @@ def export_all(
         parity, fp32_logits = measure_parity(model, fp32, meta.kind, test, params.batch_size)
         require_parity(parity, params.parity_atol)
     with step("contract check"):
-        check_graph_io(fp32, contract)
+        variants.check_graph_io(fp32, contract)
     if meta.kind == "text":
         shutil.copyfile(data_dir / TOKENIZER_FILE, out / TOKENIZER_FILE)
     reports = {"fp32": variants.variant_report(fp32, fp32_logits, fp32_logits, test.y)}
