@@ -125,25 +125,17 @@ def check_opset(opset: int) -> None:
 
 def torch_outputs(module: nn.Module, x: np.ndarray, batch_size: int) -> np.ndarray:
     """The first output (logits, or a regressor's prediction) of ``module`` for every row."""
-
-    def first(batch: np.ndarray) -> np.ndarray:
-        out = module(torch.from_numpy(batch))
-        return (out[0] if isinstance(out, tuple) else out).float().numpy()
-
-    with torch.inference_mode():
-        return np.concatenate([first(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
-
-
-@dataclasses.dataclass(frozen=True)
-class Measured:
-    parity: export_tasks.ClassParity | export_tasks.RegressionParity
-    torch: np.ndarray  # PyTorch's first output on the test split
-    onnx: np.ndarray  # the fp32 ONNX model's: the reference for the variants
+    return np.concatenate(
+        [
+            export_tasks.first_output(module, torch.from_numpy(x[i : i + batch_size]))
+            for i in range(0, len(x), batch_size)
+        ]
+    )
 
 
 def measure_parity(
     model: nn.Module, onnx_path: Path, x: np.ndarray, params: ExportParams, contract: ModelContract
-) -> Measured:
+) -> export_tasks.Measured:
     """Compare PyTorch and ONNX Runtime on every row of ``x`` and at PARITY_BATCH_SIZES."""
     task, noun = export_tasks.for_contract(contract), onnx_tools.row_noun(contract)
     module = task.module(model)
@@ -157,7 +149,8 @@ def measure_parity(
         (probe_reference[:size], onnx_tools.run_logits(sess, probe[:size], size))
         for size in PARITY_BATCH_SIZES
     ]
-    return Measured(task.parity((reference, got), probes, params, noun), reference, got)
+    parity = task.parity([(reference, got), *probes], params, noun, len(x))
+    return export_tasks.Measured(parity, reference, got)
 
 
 # Variants
@@ -301,11 +294,6 @@ def export_built(
 ) -> dict[str, Any]:
     """Export a built model of ``meta``'s kind and task into ``out`` (all files or none)."""
     check_opset(params.opset)
-    if meta.is_sequence and meta.is_regression:
-        raise StageError(
-            f"{data_dir} holds {meta.kind} data with regression targets; the export stage "
-            "exports sequence classifiers, and image and tabular regressors"
-        )
     with step("load data"):
         test = None if meta.is_sequence else load_split("test", data_dir, meta)
     with atomic_path(out) as tmp:
@@ -367,7 +355,7 @@ def _export_all(
         "opset": params.opset,
         "export_seconds": round(export_seconds, 3),
         **{f"torch_{k}": v for k, v in task.metrics(measured.torch, y).items()},
-        "parity": measured.parity.to_json(),
+        "parity": {**measured.parity.to_json(), "batch_sizes": list(PARITY_BATCH_SIZES)},
         "int8_method": int8_method(contract) if "int8" in params.variants else None,
         "variants": reports,
         **task.gate(params),

@@ -65,44 +65,64 @@ class RegressorOutputs(nn.Module):
         return prediction if prediction.dim() == 1 else prediction.squeeze(1)
 
 
+def first_output(module: nn.Module, *inputs: torch.Tensor) -> np.ndarray:
+    """The first of ``module``'s outputs (logits, or a prediction) as float32 numpy."""
+    with torch.inference_mode():
+        out = module(*inputs)
+    return (out[0] if isinstance(out, tuple) else out).float().numpy()
+
+
 # Parity
 
 
 @dataclasses.dataclass(frozen=True)
 class ClassParity:
-    noun: str  # what a row is: "images", "rows"
+    noun: str  # what a row is: "images", "rows", "sequences"
     rows: int
-    max_abs_logit_diff: float  # over the test split and every batch-size probe
-    top1_agreement: float  # on the test split
-    batch_sizes: tuple[int, ...]
+    max_abs_logit_diff: float  # over the test split and every probe
+    top1_agreement: float  # likewise, the lowest
     atol: float
 
-    def to_json(self) -> dict[str, Any]:
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_logit_diff <= self.atol and self.top1_agreement == 1.0
+
+    @property
+    def severity(self) -> float:
+        """How far outside its tolerance: <= 1 passes; a class flip is worse than any diff."""
+        return self.max_abs_logit_diff / self.atol if self.top1_agreement == 1.0 else np.inf
+
+    @property
+    def headline(self) -> str:
+        return f"max |logit diff| {self.max_abs_logit_diff:.3g}"
+
+    def figures(self) -> dict[str, float]:
         return {
-            self.noun: self.rows,
             "max_abs_logit_diff": self.max_abs_logit_diff,
             "top1_agreement": self.top1_agreement,
-            "batch_sizes": list(self.batch_sizes),
-            "atol": self.atol,
         }
 
-    def require(self) -> None:
-        if self.max_abs_logit_diff <= self.atol and self.top1_agreement == 1.0:
-            return
-        raise StageError(
+    def to_json(self) -> dict[str, Any]:
+        return {self.noun: self.rows, **self.figures(), "atol": self.atol}
+
+    def problem(self) -> str:
+        return (
             f"ONNX parity check failed on {self.rows} test {self.noun}: max |logit diff| "
             f"{self.max_abs_logit_diff:.3g} (limit {self.atol:g}), top-1 agreement "
             f"{self.top1_agreement:.2%} (must be 100%)"
         )
+
+    def require(self) -> None:
+        if not self.passed:
+            raise StageError(self.problem())
 
 
 @dataclasses.dataclass(frozen=True)
 class RegressionParity:
     noun: str
     rows: int
-    max_abs_diff: float  # over the test split and every batch-size probe
+    max_abs_diff: float  # over the test split and every probe
     max_rel_diff: float  # |diff| / |PyTorch|, likewise
-    batch_sizes: tuple[int, ...]
     atol: float
     rtol: float
     # The value furthest outside its tolerance (or nearest to it): PyTorch's, the diff,
@@ -115,20 +135,22 @@ class RegressionParity:
     def passed(self) -> bool:
         return self.worst_diff <= self.worst_limit
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            self.noun: self.rows,
-            "max_abs_diff": self.max_abs_diff,
-            "max_rel_diff": self.max_rel_diff,
-            "batch_sizes": list(self.batch_sizes),
-            "atol": self.atol,
-            "rtol": self.rtol,
-        }
+    @property
+    def severity(self) -> float:
+        return self.worst_diff / self.worst_limit
 
-    def require(self) -> None:
-        if self.passed:
-            return
-        raise StageError(
+    @property
+    def headline(self) -> str:
+        return f"max |diff| {self.max_abs_diff:.3g}"
+
+    def figures(self) -> dict[str, float]:
+        return {"max_abs_diff": self.max_abs_diff, "max_rel_diff": self.max_rel_diff}
+
+    def to_json(self) -> dict[str, Any]:
+        return {self.noun: self.rows, **self.figures(), "atol": self.atol, "rtol": self.rtol}
+
+    def problem(self) -> str:
+        return (
             f"ONNX parity check failed on {self.rows} test {self.noun}: max |diff| "
             f"{self.max_abs_diff:.3g}, max relative {self.max_rel_diff:.3g}; worst "
             f"prediction off by {self.worst_diff:.3g} at PyTorch's {self.worst_reference:.6g} "
@@ -136,12 +158,26 @@ class RegressionParity:
             f"{self.worst_limit:.3g})"
         )
 
+    def require(self) -> None:
+        if not self.passed:
+            raise StageError(self.problem())
+
+
+Parity = ClassParity | RegressionParity
+
+
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    parity: Any  # a Parity, or the sequence path's figures with its length probes
+    torch: np.ndarray  # PyTorch's first output on the test split
+    onnx: np.ndarray  # the fp32 ONNX model's: the reference for the variants
+
 
 def _regression_parity(
-    split: Pair, probes: Sequence[Pair], params: ExportParams, noun: str, sizes: tuple[int, ...]
+    pairs: Sequence[Pair], params: ExportParams, noun: str, rows: int
 ) -> RegressionParity:
-    reference = np.concatenate([p[0] for p in (split, *probes)]).astype(np.float64)
-    got = np.concatenate([p[1] for p in (split, *probes)]).astype(np.float64)
+    reference = np.concatenate([want.ravel() for want, _ in pairs]).astype(np.float64)
+    got = np.concatenate([got.ravel() for _, got in pairs]).astype(np.float64)
     if got.size == 0:
         raise StageError("the test split is empty; rerun the prepare stage")
     # A NaN on one side only must fail (as an infinite diff); the same NaN on both passes.
@@ -153,10 +189,9 @@ def _regression_parity(
     relative = diff / np.maximum(magnitude, np.finfo(np.float32).tiny)
     return RegressionParity(
         noun=noun,
-        rows=len(split[0]),
+        rows=rows,
         max_abs_diff=float(diff.max()),
         max_rel_diff=float(relative.max()),
-        batch_sizes=sizes,
         atol=params.parity_atol,
         rtol=params.parity_rtol,
         worst_reference=float(reference[worst]),
@@ -165,16 +200,12 @@ def _regression_parity(
     )
 
 
-def _class_parity(
-    split: Pair, probes: Sequence[Pair], params: ExportParams, noun: str, sizes: tuple[int, ...]
-) -> ClassParity:
-    diff = max(float(np.abs(got - want).max(initial=0.0)) for want, got in (split, *probes))
+def _class_parity(pairs: Sequence[Pair], params: ExportParams, noun: str, rows: int) -> ClassParity:
     return ClassParity(
         noun=noun,
-        rows=len(split[0]),
-        max_abs_logit_diff=diff,
-        top1_agreement=onnx_tools.agreement(split[1], split[0]),
-        batch_sizes=sizes,
+        rows=rows,
+        max_abs_logit_diff=max(float(np.abs(got - want).max(initial=0.0)) for want, got in pairs),
+        top1_agreement=min(onnx_tools.agreement(got, want) for want, got in pairs),
         atol=params.parity_atol,
     )
 
@@ -215,14 +246,17 @@ class Task:
             f"return {want}"
         )
 
-    def parity(
-        self, split: Pair, probes: Sequence[Pair], params: ExportParams, noun: str
-    ) -> ClassParity | RegressionParity:
-        """Figures for the test split's outputs and the batch-size probes' (``probes`` in
-        the order of PARITY_BATCH_SIZES)."""
-        sizes = tuple(len(p[0]) for p in probes)
+    def parity(self, pairs: Sequence[Pair], params: ExportParams, noun: str, rows: int) -> Parity:
+        """How closely ONNX follows PyTorch over every (PyTorch, ONNX) pair of outputs: the
+        test split's ``rows`` and whatever probes the input side adds."""
         judge = _regression_parity if self.regression else _class_parity
-        return judge(split, probes, params, noun, sizes)
+        return judge(pairs, params, noun, rows)
+
+    def close(self, want: np.ndarray, got: np.ndarray, params: ExportParams) -> bool:
+        """Every output within the parity tolerance (the diff alone: no class agreement)."""
+        if self.regression:
+            return _regression_parity([(want, got)], params, "", len(want)).passed
+        return float(np.abs(got - want).max(initial=0.0)) <= params.parity_atol
 
     def metrics(self, outputs: np.ndarray, y: np.ndarray) -> dict[str, float]:
         if self.regression:

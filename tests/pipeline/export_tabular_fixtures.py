@@ -11,7 +11,8 @@ and two categorical ones, 8% of cells missing under ``impute``, a few test codes
 (-1). Classes are thirds of a score of those columns with a margin left out around each
 boundary, so a briefly trained MLP is confident; the regression target is that score
 around 150000 (fp16 cannot hold it) plus noise. Image regression: 1x8x8 images whose
-target is their mean brightness plus 1000.
+target is their mean brightness plus 1000. Series regression: the sequence fixtures'
+two-channel series, whose target is 100 times channel 1's mean over its real steps.
 """
 
 from __future__ import annotations
@@ -32,7 +33,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.dataset import CATEGORICAL, NUMERIC, Column, Meta, Split, load_split, save_split
+from pipeline.dataset import (
+    CATEGORICAL,
+    NUMERIC,
+    SPLITS,
+    Column,
+    Meta,
+    Split,
+    load_split,
+    save_split,
+)
 from pipeline.params import ExportParams
 
 CLASS_NAMES = ("low", "mid", "high")
@@ -154,6 +164,31 @@ def make_image_regression(directory: Path) -> Meta:
     return meta
 
 
+def make_series_regression(directory: Path) -> Meta:
+    """The sequence fixtures' series with float32 targets: 100 x channel 1's mean + noise."""
+    from tests.pipeline.export_sequence_fixtures import make_prepared
+
+    meta = make_prepared(directory, "series")
+    rng = np.random.default_rng(3)
+    targets = {}
+    for name in SPLITS:
+        split = load_split(name, directory, meta)
+        real = split.mask().astype(np.float32)
+        level = (split.x[:, 1] * real).sum(axis=1) / real.sum(axis=1)
+        targets[name] = (100 * level + rng.normal(0, 5, len(level))).astype(np.float32)
+        save_split(directory / f"{name}.npz", Split(split.x, targets[name], split.lengths))
+    meta = dataclasses.replace(
+        meta,
+        class_names=(),
+        task="regression",
+        target_mean=float(targets["train"].mean()),
+        target_std=float(targets["train"].std()),
+        source={"synthetic": "series-level"},
+    )
+    (directory / "meta.json").write_text(json.dumps(meta.to_json()))
+    return meta
+
+
 # Models
 
 
@@ -230,8 +265,28 @@ class ImageRegressor(nn.Module):
         return self.tail(self.head(torch.relu(self.conv(x)).flatten(1)))
 
 
+class SeriesRegressor(nn.Module):
+    """Standardise per channel, linear + ReLU per step, masked mean, linear, target units."""
+
+    def __init__(self, meta: Meta, width: int = 16) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(meta.mean).view(1, -1, 1))
+        self.register_buffer("std", torch.tensor(meta.std).view(1, -1, 1))
+        self.step = nn.Linear(len(meta.mean), width)
+        self.head = nn.Linear(width, 1)
+        self.tail = Unstandardise(meta.target_mean, meta.target_std)
+
+    def forward(self, series: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.step(((series - self.mean) / self.std).transpose(1, 2)))
+        weights = mask.unsqueeze(-1).to(h.dtype)
+        pooled = (h * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return self.tail(self.head(pooled))
+
+
 def standin(meta: Meta) -> nn.Module:
     torch.manual_seed(0)
+    if meta.kind == "series":
+        return SeriesRegressor(meta)
     return TabularNet(meta) if meta.kind == "tabular" else ImageRegressor(meta)
 
 
@@ -250,17 +305,22 @@ def one_thread() -> Iterator[None]:
 def train(model: nn.Module, data_dir: Path, meta: Meta, steps: int = 300) -> nn.Module:
     """``steps`` Adam steps (cross-entropy, or MSE on standardised targets); eval mode."""
     split = load_split("train", data_dir, meta)
+    inputs = [torch.from_numpy(split.x)]
+    if meta.is_sequence:
+        inputs.append(torch.from_numpy(split.mask()))
     with one_thread():
-        return _fit(model, torch.from_numpy(split.x), torch.from_numpy(split.y), meta, steps)
+        return _fit(model, inputs, torch.from_numpy(split.y), meta, steps)
 
 
-def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, meta: Meta, steps: int) -> nn.Module:
+def _fit(
+    model: nn.Module, inputs: list[torch.Tensor], y: torch.Tensor, meta: Meta, steps: int
+) -> nn.Module:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     generator = torch.Generator().manual_seed(0)
     model.train()
     for _ in range(steps):
-        index = torch.randint(0, len(x), (64,), generator=generator)
-        out = model(x[index])
+        index = torch.randint(0, len(y), (64,), generator=generator)
+        out = model(*(tensor[index] for tensor in inputs))
         if meta.is_regression:
             loss = (((out - y[index]) / meta.target_std) ** 2).mean()
         else:
@@ -303,6 +363,7 @@ MAKERS = {
     "tabular-classification": lambda d: make_tabular(d, "classification"),
     "tabular-regression": lambda d: make_tabular(d, "regression"),
     "image-regression": make_image_regression,
+    "series-regression": make_series_regression,
 }
 
 

@@ -1,7 +1,8 @@
-"""The engine stage on tabular models and regressors: the onnxruntime target run for real
-over the test split (accuracy, or RMSE/MAE/R² and the distance from the fp32 ONNX model),
-TensorRT's [N, F] profile and typed fp16 plans (pure), the server's runner reading a
-regressor's ``prediction`` (stand-in TensorRT), and (marked ``tensorrt``) real builds."""
+"""The engine stage on tabular models and on regressors (tabular, image, series): the
+onnxruntime target run for real over the test split (accuracy, or RMSE/MAE/R² and the
+distance from the fp32 ONNX model), TensorRT's [N, F] profile and typed fp16 plans (pure),
+the server's runner reading a regressor's ``prediction`` (stand-in TensorRT), and (marked
+``tensorrt``) real builds."""
 
 from __future__ import annotations
 
@@ -92,6 +93,14 @@ def test_an_image_regressor_runs_through_the_same_engine(tmp_path):
     assert report["r2"] > 0.95
     assert sidecar["inputs"][0] == {"name": "images", "dtype": "UINT8", "shape": [-1, 1, 8, 8]}
     assert sidecar["relus_folded_into_quantization"] >= 1
+
+
+def test_a_series_regressor_runs_by_length_through_the_engine(tmp_path):
+    shared, report, sidecar = build("series-regression", "fp16", tmp_path)
+    assert report["sequences"] == 72 and report["rmse_increase_pct"] <= 5.0
+    assert report["rmse"] == pytest.approx(shared.report["variants"]["fp16"]["rmse"], rel=1e-6)
+    assert [i["name"] for i in sidecar["inputs"]] == ["series", "mask"]
+    assert sidecar["outputs"] == [{"name": "prediction", "dtype": "FP32", "shape": [-1]}]
 
 
 def test_the_cli_summary_shows_regression_figures(tmp_path):

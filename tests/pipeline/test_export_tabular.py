@@ -1,10 +1,9 @@
-"""The export stage on tabular models (both tasks) and on an image regressor: graph I/O,
-the contract, the regression parity gate, fp16/int8 variants with missing cells and values
-fp16 cannot hold, the RMSE gate, and the CLI's summary."""
+"""The export stage on tabular models (both tasks) and on image and series regressors:
+graph I/O, the contract, the regression parity gate, fp16/int8 variants with missing
+cells and values fp16 cannot hold, the RMSE gate, and the CLI's summary."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -17,7 +16,6 @@ from pipeline import export, export_tasks, onnx_tools, variants
 from pipeline.errors import StageError
 from pipeline.params import ExportParams
 from serving.contract import ModelContract, TabularColumn, check_io
-from tests.pipeline.export_sequence_fixtures import make_prepared as make_sequences
 from tests.pipeline.export_tabular_fixtures import (
     CATEGORIES,
     CLASS_NAMES,
@@ -233,7 +231,7 @@ def test_regression_tolerance_scales_with_the_value():
 
     def judged(reference, got):
         pair = (np.array(reference, np.float32), np.array(got, np.float32))
-        return task.parity(pair, [pair], params, "rows")
+        return task.parity([pair], params, "rows", len(reference))
 
     assert judged([150_000.0, 0.0], [150_001.0, 5e-5]).passed  # 1 <= 1.5001; 5e-5 <= 1e-4
     assert not judged([0.0], [2e-4]).passed
@@ -242,7 +240,13 @@ def test_regression_tolerance_scales_with_the_value():
     parity = judged([100.0, -10.0], [100.0005, -10.0003])
     assert parity.max_abs_diff == pytest.approx(5e-4, rel=1e-2)
     assert parity.max_rel_diff == pytest.approx(3e-5, rel=1e-2)
-    assert parity.to_json()["batch_sizes"] == [2]
+    assert parity.to_json() == {
+        "rows": 2,
+        "max_abs_diff": parity.max_abs_diff,
+        "max_rel_diff": parity.max_rel_diff,
+        "atol": 1e-4,
+        "rtol": 1e-5,
+    }
 
 
 def test_rmse_gate_names_the_variant_its_rmse_fp32s_and_the_limit():
@@ -322,11 +326,29 @@ def test_a_model_of_the_wrong_output_shape_is_refused(name, tail, message, tmp_p
     assert not (tmp_path / "o").exists()
 
 
-def test_sequence_regression_is_refused_in_one_line(tmp_path):
-    meta = dataclasses.replace(make_sequences(tmp_path / "data", "series"), task="regression")
-    contract = export.make_contract("s", meta, FP32_ONLY, tmp_path / "data")
-    with pytest.raises(StageError, match="series data with regression targets"):
-        export.export_built(torch.nn.Identity(), meta, contract, FP32_ONLY, tmp_path / "data")
+def test_a_series_regressor_takes_the_sequence_path_with_its_length_probes():
+    shared = shared_tabular_export("series-regression")
+    report = shared.report
+    assert (report["kind"], report["task"], report["exporter"]) == (
+        "series",
+        "regression",
+        "dynamo",
+    )
+    parity = report["parity"]
+    assert parity["sequences"] == 72 and parity["max_rel_diff"] <= 1e-5
+    assert {(p["length"], p["batch"]) for p in parity["probes"]} == {
+        (n, b) for n in (2, 7, 20) for b in (1, 7, 64)
+    }
+    assert all(
+        set(p) == {"length", "batch", "max_abs_diff", "max_rel_diff"} for p in parity["probes"]
+    )
+    assert report["torch_r2"] > 0.9 and report["max_rmse_increase_pct"] == 5.0
+    assert all(v["rmse_increase_pct"] <= 5.0 for v in report["variants"].values())
+    model = onnx.load(str(shared.variant("fp16")))
+    assert [i.name for i in model.graph.input] == ["series", "mask"]
+    assert [(o.name, len(dims(o))) for o in model.graph.output] == [("prediction", 1)]
+    contract = onnx_tools.read_contract(shared.variant("int8"))
+    assert contract.task == "regression" and contract.sequence.kind == "series"
 
 
 # The CLI's summary
