@@ -8,7 +8,7 @@ and at several batch sizes. What it outputs and how closely it must match depend
 task alone (pipeline/export_tasks.py): a classifier's ``logits`` and ``probabilities``
 (max |logit diff| <= parity_atol, 100% top-1 agreement), a regressor's ``prediction`` in
 target units (each within parity_atol + parity_rtol * |PyTorch|). Sequence models (text,
-series) take the classifier's gates with a dynamic length too (pipeline/export_sequence.py).
+series) take the same gates with a dynamic length too (pipeline/export_sequence.py).
 int8 and fp16 variants are derived from the fp32 file and gated against it: a test
 accuracy at most ``max_accuracy_drop`` points lower, or a test RMSE at most
 ``max_rmse_increase`` percent higher. Everything lands in ``models/onnx`` at once, or not

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -166,9 +166,18 @@ class RegressionParity:
 Parity = ClassParity | RegressionParity
 
 
+class Gate(Protocol):
+    """What the stage does with parity figures: a Parity, or a sequence model's with its
+    length probes (pipeline/export_sequence.py)."""
+
+    def to_json(self) -> dict[str, Any]: ...
+
+    def require(self) -> None: ...
+
+
 @dataclasses.dataclass(frozen=True)
 class Measured:
-    parity: Any  # a Parity, or the sequence path's figures with its length probes
+    parity: Gate
     torch: np.ndarray  # PyTorch's first output on the test split
     onnx: np.ndarray  # the fp32 ONNX model's: the reference for the variants
 
