@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import export_sequence, onnx_tools, quantize  # noqa: E402
 from pipeline.dataset import Meta, Split  # noqa: E402
 from pipeline.params import ExportParams  # noqa: E402
-from serving.contract import KEY_MODEL_NAME  # noqa: E402
+from serving.contract import SEQUENCE_CLASSIFICATION, ModelContract  # noqa: E402
 
 VOCAB, LENGTH, CLASSES = 8000, 128, 4
 
@@ -107,9 +107,9 @@ def timed(path: Path, feeds: dict[str, np.ndarray], runs: int, threads: int) -> 
 
 def variants(model: nn.Module, directory: Path) -> tuple[dict[str, Path], str]:
     fp32 = directory / "model.onnx"
-    metadata = {KEY_MODEL_NAME: type(model).__name__}
+    contract = ModelContract(type(model).__name__, SEQUENCE_CLASSIFICATION, meta().class_names)
     exporter, _ = export_sequence.export_sequence_onnx(
-        model, meta(), fp32, ExportParams(), metadata
+        model, meta(), fp32, ExportParams(), contract
     )
     dynamic, static = directory / "dynamic.onnx", directory / "static.onnx"
     quantize.quantize_int8_dynamic(fp32, dynamic)

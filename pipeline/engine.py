@@ -10,8 +10,10 @@ another, and a placeholder written where a target is unavailable would be cached
 
 Each engine gets a sidecar ``<engine>.json`` (serving/contract.py); the engine is then
 run over the test split (a sequence model's in batches of similar length, each trimmed to
-its longest row) and its accuracy and agreement with the fp32 ONNX model go to
-``reports/engine.json``. All outputs appear together or not at all.
+its longest row) and its figures go to ``reports/engine.json``: a classifier's accuracy
+and top-1 agreement with the fp32 ONNX model, a regressor's RMSE, MAE and R² and its
+largest difference from the fp32 ONNX model's predictions. All outputs appear together
+or not at all.
 """
 
 from __future__ import annotations
@@ -37,14 +39,14 @@ from pipeline.onnx_tools import VARIANT_FILES
 from pipeline.params import EngineParams, load_with_overrides
 from serving import denormals
 from serving.compat import EngineError
-from serving.contract import LOGITS_NAME, SIDECAR_SUFFIX, ModelContract
+from serving.contract import LOGITS_NAME, REGRESSION, SIDECAR_SUFFIX, ModelContract
 from serving.trt_backend import open_plan
 
 DEFAULT_OUT = Path("models/engine")
 DEFAULT_REPORT = Path("reports/engine.json")
 ENGINE_FILES = {"onnxruntime": "model.optimized.onnx", "tensorrt": "model.trt"}
 
-# uint8 images, or a sequence model's inputs by name -> logits
+# a one-input model's rows, or a sequence model's inputs by name -> logits or predictions
 Runner = Callable[[np.ndarray | onnx_tools.Feeds], np.ndarray]
 
 
@@ -162,12 +164,14 @@ def prepare_tensorrt(onnx: Path, params: EngineParams, data_dir: Path | None = N
     tensorrt_build.require_cuda_python()
     tensorrt_build.check_options(params, gpu.compute_capability)
     major = tensorrt_build.major_version(trt.__version__)
-    plan = tensorrt_build.plan_build(major, params.precision)
+    typed = tensorrt_build.typed_fp16(resolve_source(onnx, "fp32").contract)
+    plan = tensorrt_build.plan_build(major, params.precision, typed_fp16=typed)
     source = resolve_source(onnx, plan.variant)
     tensorrt_build.check_source(plan, source.precision, source.path, major)
     if source.precision == "int8":
         graph = onnx_tools.load_model(source.path).graph
-        tensorrt_build.check_int8_form({n.op_type for n in graph.node}, source.path)
+        fix = tensorrt_build.int8_fix(source.contract)
+        tensorrt_build.check_int8_form({n.op_type for n in graph.node}, source.path, fix)
     profile = _profile(source, params, data_dir)
     cache = None
     if params.timing_cache:
@@ -193,7 +197,8 @@ def prepare_tensorrt(onnx: Path, params: EngineParams, data_dir: Path | None = N
             onnx_sha256=sha256_file(source.path),
         )
         write_json(sidecar_path, sidecar)
-        return lambda x: plan_logits(serialized, sidecar, engine_path, x)
+        output = onnx_tools.primary_output(source.contract)
+        return lambda x: plan_logits(serialized, sidecar, engine_path, x, output)
 
     return Prepared(source, build)
 
@@ -201,10 +206,12 @@ def prepare_tensorrt(onnx: Path, params: EngineParams, data_dir: Path | None = N
 def _profile(
     source: Source, params: EngineParams, data_dir: Path | None
 ) -> tensorrt_build.Profile | dict[str, tensorrt_build.Profile]:
-    """An image model's one profile, or one per input of a sequence model."""
+    """An image or tabular model's one profile, or one per input of a sequence model."""
     sequence = source.contract.sequence
     if sequence is None:
-        return tensorrt_build.profile_shapes(source.contract.image.shape, params)
+        return tensorrt_build.profile_shapes(
+            tensorrt_build.fixed_input_shape(source.contract), params
+        )
     stats = load_meta(data_dir).length_stats if data_dir is not None else {}
     graph = onnx_tools.load_model(source.path).graph
     shapes = {
@@ -214,17 +221,22 @@ def _profile(
 
 
 def plan_logits(
-    plan: bytes, sidecar: dict[str, Any], engine_path: Path, x: np.ndarray | onnx_tools.Feeds
+    plan: bytes,
+    sidecar: dict[str, Any],
+    engine_path: Path,
+    x: np.ndarray | onnx_tools.Feeds,
+    output: str = LOGITS_NAME,
 ) -> np.ndarray:
-    """Logits for ``x`` from the server's own TensorRT runner, closed afterwards.
+    """``output`` (logits, or a regressor's prediction) for ``x`` from the server's own
+    TensorRT runner, closed afterwards.
 
     The runner takes chunks of the profile's max batch and pads the last one up to its min
-    batch; the padding's logits are dropped.
+    batch; the padding's outputs are dropped.
     """
     try:
         with contextlib.closing(open_plan(plan, sidecar, engine_path)) as runner:
             inputs = x if isinstance(x, Mapping) else {runner.signature.inputs[0].name: x}
-            return runner.run(dict(inputs))[LOGITS_NAME].astype(np.float32, copy=False)
+            return runner.run(dict(inputs))[output].astype(np.float32, copy=False)
     except EngineError as exc:
         raise StageError(f"running the TensorRT plan over the test split: {exc}") from None
 
@@ -285,41 +297,76 @@ def staged_outputs(out: Path, target: str) -> Iterator[tuple[Path, Path]]:
 
 @step("accuracy run")
 def evaluate_engine(run: Runner, source: Source, data_dir: Path, batch_size: int) -> dict[str, Any]:
-    """Accuracy on the test split, and agreement with the fp32 ONNX model (when present)."""
+    """The test split's figures (accuracy, or a regressor's RMSE, MAE and R²) and how the
+    engine compares with the fp32 ONNX model (when present)."""
     meta = load_meta(data_dir)
-    kind = meta.kind
+    check_task(source, meta.task, data_dir)
     test = load_split("test", data_dir, meta)
-    runs = _split_runner(source, test, kind, data_dir, batch_size)
-    logits = runs(run)
+    runs = _split_runner(source, test, meta.kind, data_dir, batch_size)
+    outputs = runs(run)
+    regression = source.contract.task == REGRESSION
     figures: dict[str, Any] = {
-        "images" if source.contract.sequence is None else "sequences": len(test.y),
-        "accuracy": onnx_tools.accuracy(logits, test.y),
+        onnx_tools.row_noun(source.contract): len(test.y),
+        **_scores(outputs, test.y, regression),
     }
     reference = fp32_reference(source)
     if reference is not None:
         sess = onnx_tools.session(reference)
-        ref_logits = runs(lambda x: onnx_tools.run_logits(sess, x, batch_size))
-        fp32_accuracy = onnx_tools.accuracy(ref_logits, test.y)
-        figures |= {
-            "fp32_onnx_accuracy": fp32_accuracy,
-            "accuracy_drop_pp": round((fp32_accuracy - figures["accuracy"]) * 100, 6),
-            "top1_agreement_fp32": onnx_tools.agreement(logits, ref_logits),
-            "max_abs_logit_diff_fp32": float(np.abs(logits - ref_logits).max()),
-        }
+        fp32 = runs(lambda x: onnx_tools.run_logits(sess, x, batch_size))
+        figures |= _versus_fp32(outputs, fp32, test.y, regression)
     return figures
+
+
+def _scores(outputs: np.ndarray, y: np.ndarray, regression: bool) -> dict[str, float]:
+    if regression:
+        return onnx_tools.regression_metrics(outputs, y)
+    return {"accuracy": onnx_tools.accuracy(outputs, y)}
+
+
+def _versus_fp32(
+    outputs: np.ndarray, fp32: np.ndarray, y: np.ndarray, regression: bool
+) -> dict[str, float]:
+    """The fp32 ONNX model's score, how far the engine falls from it, and the largest
+    difference between their outputs (logits, or predictions in target units)."""
+    mine, theirs = _scores(outputs, y, regression), _scores(fp32, y, regression)
+    max_diff = float(np.abs(outputs - fp32).max())
+    if regression:
+        rmse, fp32_rmse = mine["rmse"], theirs["rmse"]
+        return {
+            "fp32_onnx_rmse": fp32_rmse,
+            "rmse_increase_pct": round(onnx_tools.percent_increase(rmse, fp32_rmse), 6),
+            "max_abs_diff_fp32": max_diff,
+        }
+    return {
+        "fp32_onnx_accuracy": theirs["accuracy"],
+        "accuracy_drop_pp": round((theirs["accuracy"] - mine["accuracy"]) * 100, 6),
+        "top1_agreement_fp32": onnx_tools.agreement(outputs, fp32),
+        "max_abs_logit_diff_fp32": max_diff,
+    }
+
+
+def check_task(source: Source, task: str, data_dir: Path) -> None:
+    """Regression data for a regressor, class labels for a classifier."""
+    if (task == "regression") != (source.contract.task == REGRESSION):
+        raise StageError(
+            f"{data_dir} holds {task} data, but {source.path.name} is a "
+            f"{source.contract.task} model"
+        )
 
 
 def _split_runner(
     source: Source, test: Any, kind: str, data_dir: Path, batch_size: int
 ) -> Callable[[Runner], np.ndarray]:
-    """How a runner goes over the test split: all images at once (the runner batches), or
+    """How a runner goes over the test split: all rows at once (the runner batches), or
     a sequence model's rows by length in trimmed batches."""
     sequence = source.contract.sequence
     if sequence is None:
-        if tuple(test.x.shape[1:]) != tuple(source.contract.image.shape):
+        shape = tensorrt_build.fixed_input_shape(source.contract)
+        if tuple(test.x.shape[1:]) != shape:
+            noun = onnx_tools.row_noun(source.contract)
             raise StageError(
-                f"{data_dir} test images are {list(test.x.shape[1:])}, the model takes "
-                f"{list(source.contract.image.shape)}"
+                f"{data_dir} test {noun} are {list(test.x.shape[1:])}, the model takes "
+                f"{list(shape)}"
             )
         return lambda run: run(test.x)
     if kind != sequence.kind or test.x.shape[-1] > sequence.max_length:
@@ -434,7 +481,10 @@ def command(
     ] = DEFAULT_DIR,
     evaluate: Annotated[
         bool,
-        typer.Option(help="Run the built engine over the test split and report accuracy."),
+        typer.Option(
+            help="Run the built engine over the test split and report accuracy (regressors: "
+            "RMSE, MAE, R²)."
+        ),
     ] = True,
     report: Annotated[
         Path, typer.Option(help="Where to write the JSON report (DVC metrics).")
@@ -470,11 +520,21 @@ def command(
     summary = (
         f"built {result['target']} {result['precision']} engine from {result['source']} -> {out}"
     )
+    typer.echo(summary + _figures(result))
+
+
+def _figures(result: dict[str, Any]) -> str:
+    """The summary's test-split figures, as far as the run produced them."""
+    text = ""
     if "accuracy" in result:
-        summary += f"; test accuracy {result['accuracy']:.2%}"
+        text += f"; test accuracy {result['accuracy']:.2%}"
     if "top1_agreement_fp32" in result:
-        summary += f", top-1 agreement with fp32 ONNX {result['top1_agreement_fp32']:.2%}"
-    typer.echo(summary)
+        text += f", top-1 agreement with fp32 ONNX {result['top1_agreement_fp32']:.2%}"
+    if "rmse" in result:
+        text += f"; test rmse {result['rmse']:.4g}, mae {result['mae']:.4g}, r2 {result['r2']:.3f}"
+    if "max_abs_diff_fp32" in result:
+        text += f", max |diff| with fp32 ONNX {result['max_abs_diff_fp32']:.3g}"
+    return text
 
 
 def main() -> None:

@@ -1,12 +1,13 @@
-"""The export stage for sequence classifiers (text, series): two inputs, batch and length dynamic.
+"""The export stage for sequence models (text, series): two inputs, batch and length dynamic.
 
-The model is any ``nn.Module`` with ``forward(values, mask) -> logits`` (values: int64 ids
-[N, L] or float32 raw series [N, C, T]; mask: int64 [N, T]). The graph takes the inputs
-serving.contract names per kind and returns ``logits`` and ``probabilities``; one
-``torch.export.Dim`` is the length of both inputs. The parity gate runs the whole test split
-at its real lengths (batches of similar length, each trimmed to its longest row), then
-probes at lengths 2, 7 and the maximum with batches of 1, 7 and 64: a graph whose length
-was baked in fails there with one line naming the probe.
+The model is any ``nn.Module`` with ``forward(values, mask)`` (values: int64 ids [N, L] or
+float32 raw series [N, C, T]; mask: int64 [N, T]) returning logits, or a regressor's
+prediction. The graph takes the inputs serving.contract names per kind and returns its
+task's outputs (pipeline/export_tasks.py); one ``torch.export.Dim`` is the length of both
+inputs. The parity gate runs the whole test split at its real lengths (batches of similar
+length, each trimmed to its longest row), then probes at lengths 2, 7 and the maximum with
+batches of 1, 7 and 64: a graph whose length was baked in fails there with one line naming
+the probe.
 """
 
 from __future__ import annotations
@@ -23,36 +24,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import onnx_tools, quantize, variants
+from pipeline import export_tasks, onnx_tools, quantize, variants
 from pipeline.dataset import TOKENIZER_FILE, Meta, Split, load_split
 from pipeline.errors import StageError, step
+from pipeline.export_tasks import CLASSIFICATION, Task
 from pipeline.params import ExportParams
-from serving.contract import (
-    KEY_MODEL_NAME,
-    LOGITS_NAME,
-    PROBABILITIES_NAME,
-    ContractError,
-    ModelContract,
-    PaddedInput,
-    SequencePreprocessing,
-    check_io,
-)
+from serving.contract import LOGITS_NAME, ModelContract, PaddedInput, SequencePreprocessing
 
 PROBE_LENGTHS = (2, 7)  # and the maximum length; 7: an odd size a constant is unlikely to hit
 PROBE_BATCH_SIZES = (1, 7, 64)
 EXAMPLE_BATCH = 3  # >= 2 (torch.export specialises 0 and 1) and unlike the example length
-
-
-class SequenceExportModule(nn.Module):
-    """The classifier plus a softmax: the exported graph's two outputs."""
-
-    def __init__(self, classifier: nn.Module) -> None:
-        super().__init__()
-        self.classifier = classifier
-
-    def forward(self, values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits = self.classifier(values, mask)
-        return logits, torch.softmax(logits, dim=1)
 
 
 def preprocessing(meta: Meta, data_dir: Path) -> SequencePreprocessing:
@@ -92,77 +73,91 @@ def example_inputs(meta: Meta, length: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def export_sequence_onnx(
-    model: nn.Module, meta: Meta, path: Path, params: ExportParams, metadata: dict[str, str]
+    model: nn.Module, meta: Meta, path: Path, params: ExportParams, contract: ModelContract
 ) -> tuple[str, str | None]:
-    """Export ``model`` to one ONNX file carrying ``metadata``; returns the exporter used and,
-    when auto fell back to legacy, what was wrong with dynamo's graph."""
+    """Export ``model`` with its task's outputs to one ONNX file carrying ``contract``;
+    returns the exporter used and, when auto fell back to legacy, what was wrong with
+    dynamo's graph."""
     max_length = int(meta.input_shape[-1])
     # The longest length, unless it equals the example batch: torch.export would then give
     # batch and length one symbol.
     length = max_length - 1 if max_length == EXAMPLE_BATCH else max_length
     if length < 2:
         raise StageError(f"sequences of {max_length} step cannot have a dynamic length")
-    module = SequenceExportModule(model).eval()
+    task = export_tasks.for_contract(contract)
+    module = task.module(model)
     example = example_inputs(meta, length)
+    with torch.inference_mode():
+        task.check_output(model(*example), EXAMPLE_BATCH, len(contract.class_names))
     used = "legacy" if params.exporter == "legacy" else "dynamo"
-    proto = _export(used, module, example, meta, params.opset, max_length)
+    graph = Graph(module, example, meta, params.opset, task.outputs)
+    proto = graph.export(used)
     problem = None
     if params.exporter == "auto":
-        problem = length_problem(module, meta, proto, params.parity_atol)
+        problem = length_problem(module, meta, proto, params, task)
     if problem is not None:
-        used, proto = "legacy", _export("legacy", module, example, meta, params.opset, max_length)
-    proto.doc_string = f"tensorferry {metadata.get(KEY_MODEL_NAME, '')} (fp32)"
-    onnx_tools.set_metadata(proto, metadata)
+        used, proto = "legacy", graph.export("legacy")
+    proto.doc_string = f"tensorferry {contract.model_name} (fp32)"
+    onnx_tools.set_metadata(proto, contract.to_metadata())
     variants.save(proto, path)
     return used, problem
 
 
-def _export(
-    exporter: str,
-    module: nn.Module,
-    example: tuple[torch.Tensor, torch.Tensor],
-    meta: Meta,
-    opset: int,
-    max_length: int,
-) -> Any:
-    import onnx
+@dataclasses.dataclass(frozen=True)
+class Graph:
+    """What either exporter needs: the module with the graph's outputs, named ``outputs``."""
 
-    names = list(onnx_tools.SEQUENCE_INPUTS[meta.kind])
-    outputs = [LOGITS_NAME, PROBABILITIES_NAME]
-    with variants.quiet_exporter():
-        if exporter == "dynamo":
-            batch = torch.export.Dim("batch")
-            length = torch.export.Dim("length", min=1, max=max_length)
-            values_axes = {0: batch, len(meta.input_shape): length}
-            program = torch.onnx.export(
-                module,
-                example,
-                dynamo=True,
-                external_data=False,
-                opset_version=opset,
-                input_names=names,
-                output_names=outputs,
-                dynamic_shapes={"values": values_axes, "mask": {0: batch, 1: length}},
-                verbose=False,
-            )
-            return program.model_proto
+    module: nn.Module
+    example: tuple[torch.Tensor, torch.Tensor]
+    meta: Meta
+    opset: int
+    outputs: tuple[str, ...]
+
+    def export(self, exporter: str) -> Any:
+        with variants.quiet_exporter():
+            return self._dynamo() if exporter == "dynamo" else self._legacy()
+
+    def _dynamo(self) -> Any:
+        batch = torch.export.Dim("batch")
+        length = torch.export.Dim("length", min=1, max=int(self.meta.input_shape[-1]))
+        values_axes = {0: batch, len(self.meta.input_shape): length}
+        program = torch.onnx.export(
+            self.module,
+            self.example,
+            dynamo=True,
+            external_data=False,
+            opset_version=self.opset,
+            input_names=list(onnx_tools.SEQUENCE_INPUTS[self.meta.kind]),
+            output_names=list(self.outputs),
+            # One entry: the output wrapper's *inputs, values then mask.
+            dynamic_shapes=((values_axes, {0: batch, 1: length}),),
+            verbose=False,
+        )
+        return program.model_proto
+
+    def _legacy(self) -> Any:
+        import onnx
+
+        names = list(onnx_tools.SEQUENCE_INPUTS[self.meta.kind])
+        axes = {names[0]: {0: "batch", len(self.meta.input_shape): "length"}}
+        axes |= {names[1]: {0: "batch", 1: "length"}} | {n: {0: "batch"} for n in self.outputs}
         buffer = io.BytesIO()
-        axes = {names[0]: {0: "batch", len(meta.input_shape): "length"}}
-        axes |= {names[1]: {0: "batch", 1: "length"}} | {name: {0: "batch"} for name in outputs}
         torch.onnx.export(
-            module,
-            example,
+            self.module,
+            self.example,
             buffer,
             dynamo=False,
-            opset_version=opset,
+            opset_version=self.opset,
             input_names=names,
-            output_names=outputs,
+            output_names=list(self.outputs),
             dynamic_axes=axes,
         )
         return onnx.load_from_string(buffer.getvalue())
 
 
-def length_problem(module: nn.Module, meta: Meta, proto: Any, atol: float) -> str | None:
+def length_problem(
+    module: nn.Module, meta: Meta, proto: Any, params: ExportParams, task: Task
+) -> str | None:
     """Why the graph is wrong at two lengths besides the example's, or None when it is not."""
     import onnxruntime as ort
 
@@ -173,13 +168,12 @@ def length_problem(module: nn.Module, meta: Meta, proto: Any, atol: float) -> st
         names = onnx_tools.SEQUENCE_INPUTS[meta.kind]
         try:
             got = sess.run(
-                [LOGITS_NAME], dict(zip(names, (values.numpy(), mask.numpy()), strict=True))
+                [task.outputs[0]], dict(zip(names, (values.numpy(), mask.numpy()), strict=True))
             )[0]
         except Exception as exc:  # onnxruntime raises its own pybind types
             return f"fails at length {length}: {str(exc).strip().splitlines()[0]}"
-        with torch.inference_mode():
-            want = module(values, mask)[0].numpy()
-        if np.abs(got - want).max() > atol:
+        want = export_tasks.first_output(module, values, mask)
+        if not task.close(want, got, params):
             return f"differs from PyTorch at length {length}"
     return None
 
@@ -191,39 +185,49 @@ def length_problem(module: nn.Module, meta: Meta, proto: Any, atol: float) -> st
 class Probe:
     length: int
     batch: int
-    max_abs_logit_diff: float
-    top1_agreement: float
+    parity: export_tasks.Parity  # of this probe's rows alone
+
+    def to_json(self) -> dict[str, Any]:
+        return {"length": self.length, "batch": self.batch, **self.parity.figures()}
 
 
 @dataclasses.dataclass(frozen=True)
 class SequenceParity:
-    sequences: int
-    max_abs_logit_diff: float  # over the test split and every probe
-    top1_agreement: float  # on the test split at real lengths
+    overall: export_tasks.Parity  # the test split at real lengths and every probe
     probes: tuple[Probe, ...]
 
-    def to_json(self, atol: float) -> dict[str, Any]:
-        probes = [dataclasses.asdict(p) for p in self.probes]
-        return {**dataclasses.asdict(self), "probes": probes, "atol": atol}
+    def to_json(self) -> dict[str, Any]:
+        return {**self.overall.to_json(), "probes": [p.to_json() for p in self.probes]}
+
+    def require(self) -> None:
+        if self.overall.passed:
+            return
+        worst = max(self.probes, key=lambda p: p.parity.severity)
+        raise StageError(
+            f"{self.overall.problem()}; worst probe: length {worst.length}, batch "
+            f"{worst.batch} ({worst.parity.headline})"
+        )
 
 
-def torch_runner(model: nn.Module) -> Callable[[onnx_tools.Feeds], np.ndarray]:
+def torch_runner(module: nn.Module) -> Callable[[onnx_tools.Feeds], np.ndarray]:
+    """``module``'s first output (logits, or a prediction) for one batch of feeds."""
+
     def run(feeds: onnx_tools.Feeds) -> np.ndarray:
         values, mask = (torch.from_numpy(np.asarray(v)) for v in feeds.values())
-        with torch.inference_mode():
-            return model(values, mask).float().numpy()
+        return export_tasks.first_output(module, values, mask)
 
     return run
 
 
-def onnx_runner(path: Path) -> Callable[[onnx_tools.Feeds], np.ndarray]:
-    """ORT logits for one batch; a failed run names the batch's shape and the likely cause."""
+def onnx_runner(path: Path, output: str = LOGITS_NAME) -> Callable[[onnx_tools.Feeds], np.ndarray]:
+    """ORT's ``output`` for one batch; a failed run names the batch's shape and the likely
+    cause."""
     sess = onnx_tools.session(path)
 
     def run(feeds: onnx_tools.Feeds) -> np.ndarray:
         batch, length = list(feeds.values())[-1].shape  # the mask: [N, T]
         try:
-            return sess.run([LOGITS_NAME], dict(feeds))[0]
+            return sess.run([output], dict(feeds))[0]
         except Exception as exc:  # onnxruntime raises its own pybind types
             first = " ".join(str(exc).split())[:200]
             raise StageError(
@@ -240,58 +244,36 @@ def probe_lengths(max_length: int) -> tuple[int, ...]:
 
 
 def measure_parity(
-    model: nn.Module, onnx_path: Path, kind: str, split: Split, batch_size: int
-) -> tuple[SequenceParity, np.ndarray]:
-    """PyTorch vs ONNX Runtime on ``split`` at real lengths and at every probe.
-
-    Returns the figures and the ONNX logits (the fp32 reference for variants).
-    """
+    model: nn.Module,
+    onnx_path: Path,
+    kind: str,
+    split: Split,
+    params: ExportParams,
+    task: Task = CLASSIFICATION,
+) -> export_tasks.Measured:
+    """PyTorch vs ONNX Runtime on ``split`` at real lengths and at every probe."""
     assert split.lengths is not None
-    ort_run, torch_run = onnx_runner(onnx_path), torch_runner(model)
-    logits = onnx_tools.by_length(ort_run, kind, split.x, split.lengths, batch_size)
-    reference = onnx_tools.by_length(torch_run, kind, split.x, split.lengths, batch_size)
-    probes = []
+    module = task.module(model)
+    ort_run, torch_run = onnx_runner(onnx_path, task.outputs[0]), torch_runner(module)
+    got = onnx_tools.by_length(ort_run, kind, split.x, split.lengths, params.batch_size)
+    want = onnx_tools.by_length(torch_run, kind, split.x, split.lengths, params.batch_size)
+    pairs, probes = [(want, got)], []
     # np.resize repeats the split cyclically, so batch 64 works on a tiny test split too.
     rows = max(PROBE_BATCH_SIZES)
     x = np.resize(split.x, (rows, *split.x.shape[1:]))
     lengths = np.resize(split.lengths, rows)
     for length in probe_lengths(split.x.shape[-1]):
         feeds = onnx_tools.sequence_feeds(kind, x, lengths, length)
-        want = torch_run(feeds)
+        reference = torch_run(feeds)
         for size in PROBE_BATCH_SIZES:
-            got = ort_run({name: value[:size] for name, value in feeds.items()})
-            diff = float(np.abs(got - want[:size]).max())
-            probes.append(Probe(length, size, diff, onnx_tools.agreement(got, want[:size])))
-    parity = SequenceParity(
-        sequences=len(split.x),
-        max_abs_logit_diff=max(
-            float(np.abs(logits - reference).max()), *(p.max_abs_logit_diff for p in probes)
-        ),
-        top1_agreement=onnx_tools.agreement(logits, reference),
-        probes=tuple(probes),
-    )
-    return parity, logits
-
-
-def require_parity(parity: SequenceParity, atol: float) -> None:
-    worst = max(parity.probes, key=lambda p: (p.max_abs_logit_diff, -p.top1_agreement))
-    agreement = min(parity.top1_agreement, *(p.top1_agreement for p in parity.probes))
-    if parity.max_abs_logit_diff <= atol and agreement == 1.0:
-        return
-    raise StageError(
-        f"ONNX parity check failed on {parity.sequences} test sequences: max |logit diff| "
-        f"{parity.max_abs_logit_diff:.3g} (limit {atol:g}), top-1 agreement "
-        f"{agreement:.2%} (must be 100%); worst probe: length {worst.length}, batch "
-        f"{worst.batch} ({worst.max_abs_logit_diff:.3g})"
-    )
-
-
-def check_graph_io(path: Path, contract: ModelContract) -> None:
-    """The graph must take what its contract says a server will send (serving's own check)."""
-    try:
-        check_io(contract, onnx_tools.signature(onnx_tools.session(path)), path.name)
-    except ContractError as exc:
-        raise StageError(str(exc)) from None
+            pair = (
+                reference[:size],
+                ort_run({name: value[:size] for name, value in feeds.items()}),
+            )
+            pairs.append(pair)
+            probes.append(Probe(length, size, task.parity([pair], params, "sequences", size)))
+    overall = task.parity(pairs, params, "sequences", len(split.x))
+    return export_tasks.Measured(SequenceParity(overall, tuple(probes)), want, got)
 
 
 # Variants
@@ -340,46 +322,44 @@ def export_all(
     data_dir: Path,
 ) -> dict[str, Any]:
     """Every file of the export into ``out`` (a fresh directory); returns the report."""
-    metadata = contract.to_metadata()
+    task = export_tasks.for_contract(contract)
     test = load_split("test", data_dir, meta)
     fp32 = out / onnx_tools.VARIANT_FILES["fp32"]
     start = time.perf_counter()
     with step("export fp32"):
-        exporter, dynamo_problem = export_sequence_onnx(model, meta, fp32, params, metadata)
+        exporter, dynamo_problem = export_sequence_onnx(model, meta, fp32, params, contract)
     with step("fp32 onnx check"):
         variants.check_onnx(fp32)
     export_seconds = time.perf_counter() - start
     with step("parity"):
-        parity, fp32_logits = measure_parity(model, fp32, meta.kind, test, params.batch_size)
-        require_parity(parity, params.parity_atol)
+        measured = measure_parity(model, fp32, meta.kind, test, params, task)
+        measured.parity.require()
     with step("contract check"):
-        check_graph_io(fp32, contract)
+        variants.check_graph_io(fp32, contract)
     if meta.kind == "text":
         shutil.copyfile(data_dir / TOKENIZER_FILE, out / TOKENIZER_FILE)
-    reports = {"fp32": variants.variant_report(fp32, fp32_logits, fp32_logits, test.y)}
+    reports = {"fp32": task.variant_report(fp32, measured.onnx, measured.onnx, test.y)}
     builders = variant_builders(meta.kind, data_dir, params)
     for name in (v for v in ("int8", "fp16") if v in params.variants):
         dst = out / onnx_tools.VARIANT_FILES[name]
         variants.build_variant(name, fp32, dst, contract, builders[name])
-        with step(f"{name} accuracy"):
-            run = onnx_runner(dst)
-            logits = onnx_tools.by_length(run, meta.kind, test.x, test.lengths, params.batch_size)
-        reports[name] = variants.variant_report(dst, logits, fp32_logits, test.y)
-    variants.check_accuracy_drops(reports, params.max_accuracy_drop)
-    torch_logits = onnx_tools.by_length(
-        torch_runner(model), meta.kind, test.x, test.lengths, params.batch_size
-    )
+        with step(f"{name} {task.metric_name}"):
+            run = onnx_runner(dst, task.outputs[0])
+            outputs = onnx_tools.by_length(run, meta.kind, test.x, test.lengths, params.batch_size)
+        reports[name] = task.variant_report(dst, outputs, measured.onnx, test.y)
+    task.check_variants(reports, params)
     return {
         "model": contract.model_name,
         "kind": meta.kind,
+        "task": task.name,
         "exporter": exporter,
         "dynamo_problem": dynamo_problem,  # why auto fell back to legacy, else None
         "opset": params.opset,
         "export_seconds": round(export_seconds, 3),
-        "torch_accuracy": onnx_tools.accuracy(torch_logits, test.y),
-        "parity": parity.to_json(params.parity_atol),
+        **{f"torch_{k}": v for k, v in task.metrics(measured.torch, test.y).items()},
+        "parity": measured.parity.to_json(),
         "int8_method": params.sequence_int8 if "int8" in params.variants else None,
         "variants": reports,
-        "max_accuracy_drop_pp": params.max_accuracy_drop,
+        **task.gate(params),
         "params_hash": contract.params_hash,
     }

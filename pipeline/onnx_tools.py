@@ -17,6 +17,9 @@ import numpy as np
 from pipeline.errors import StageError
 from serving import denormals
 from serving.contract import (
+    LOGITS_NAME,
+    PREDICTION_NAME,
+    REGRESSION,
     SERIES_MASK,
     SERIES_VALUES,
     TEXT_IDS,
@@ -68,18 +71,18 @@ def load_model(path: Path) -> Any:
 
 
 def read_contract(path: Path, model: Any | None = None) -> ModelContract:
-    """The tensorferry contract carried in the model's metadata_props: an image or a
-    sequence classifier's."""
+    """The tensorferry contract carried in the model's metadata_props: an image, sequence
+    or tabular model's, a classifier or a regressor."""
     model = load_model(path) if model is None else model
     metadata = {prop.key: prop.value for prop in model.metadata_props}
     try:
         contract = ModelContract.from_metadata(metadata, source=str(path))
     except ContractError as exc:
         raise StageError(str(exc)) from None
-    if contract.image is None and contract.sequence is None:
+    if contract.image is None and contract.sequence is None and contract.tabular is None:
         raise StageError(
-            f"{path} is a {contract.task} model; the pipeline's stages build image and "
-            "sequence classifiers"
+            f"{path} is a {contract.task} model without an image, sequence or tabular "
+            "input; the pipeline's stages build those"
         )
     return contract
 
@@ -110,8 +113,9 @@ def session(path: Path, threads: int = 0, flush_denormals: bool = False) -> Any:
 
 
 def run_logits(sess: Any, x: np.ndarray | Feeds, batch_size: int) -> np.ndarray:
-    """Logits (float32) for every row of ``x`` (images, or every input of a sequence model
-    by name), batch by batch."""
+    """The first output (float32: logits, or a regressor's prediction) for every row of
+    ``x`` (a one-input model's rows, or every input of a sequence model by name), batch
+    by batch."""
     feeds = x if isinstance(x, Mapping) else {sess.get_inputs()[0].name: x}
     rows = len(next(iter(feeds.values())))
     outputs = [
@@ -172,6 +176,38 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 def agreement(logits: np.ndarray, reference: np.ndarray) -> float:
     """Fraction of images whose top-1 class matches the reference's."""
     return float((logits.argmax(axis=1) == reference.argmax(axis=1)).mean())
+
+
+def regression_metrics(predictions: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    """RMSE, MAE and R² (1 - SSE / SST; 0 for a constant target) in float64."""
+    predictions, targets = np.asarray(predictions, np.float64), np.asarray(targets, np.float64)
+    errors = predictions - targets
+    total = float(((targets - targets.mean()) ** 2).sum())
+    r2 = 1.0 - float((errors**2).sum()) / total if total > 0 else 0.0
+    return {
+        "rmse": float(np.sqrt((errors**2).mean())),
+        "mae": float(np.abs(errors).mean()),
+        "r2": r2,
+    }
+
+
+def percent_increase(value: float, reference: float) -> float:
+    """How many percent ``value`` lies above ``reference`` (a perfect reference: 0 or inf)."""
+    if reference == 0:
+        return 0.0 if value == 0 else float("inf")
+    return (value - reference) / reference * 100
+
+
+def primary_output(contract: ModelContract) -> str:
+    """The output metrics read: a regressor's prediction, else the logits."""
+    return PREDICTION_NAME if contract.task == REGRESSION else LOGITS_NAME
+
+
+def row_noun(contract: ModelContract) -> str:
+    """What one row of the model's input is called in reports."""
+    if contract.sequence is not None:
+        return "sequences"
+    return "images" if contract.image is not None else "rows"
 
 
 def io_specs(sess: Any) -> dict[str, list[dict[str, Any]]]:

@@ -1,8 +1,10 @@
 """Reduced-precision variants of the fp32 ONNX model: int8 (static Q/DQ, or dynamic for
-sequence models) and fp16.
+sequence and tabular models) and fp16.
 
-All keep the contract's I/O (uint8 ``images``, or int64 ids/masks and float32 series, in;
-float32 ``logits`` and ``probabilities`` out), so a server feeds every variant the same way.
+All keep the contract's I/O (uint8 ``images``, int64 ids/masks, float32 series or tabular
+features in; float32 ``logits`` and ``probabilities``, or ``prediction``, out), so a
+server feeds every variant the same way, and all keep the graph's ends in fp32
+(``float_ends``): the raw inputs' preprocessing and what follows the last heavy layer.
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ import numpy as np
 from pipeline.errors import StageError, step
 
 CALIBRATION_BATCH = 64
+# The layers that hold a model's weights and cost its time (with an embedding's Gather);
+# what comes before the first and after the last stays in float (float_ends).
+HEAVY_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "GRU", "LSTM", "RNN"})
 
 
 def calibration_sample(x: np.ndarray, samples: int, seed: int) -> np.ndarray:
-    """A seeded sample of ``samples`` images (all of them when the split is smaller)."""
+    """A seeded sample of ``samples`` rows (all of them when the split is smaller)."""
     if samples < 1:
         raise StageError(f"params: export.calibration_samples must be >= 1, got {samples}")
     rng = np.random.default_rng(seed)
@@ -31,7 +36,8 @@ def calibration_sample(x: np.ndarray, samples: int, seed: int) -> np.ndarray:
 
 
 def image_batches(calibration: np.ndarray, name: str) -> list[dict[str, np.ndarray]]:
-    """The calibration images as feeds of CALIBRATION_BATCH images of input ``name``."""
+    """The calibration rows (images, tabular features) as feeds of CALIBRATION_BATCH rows
+    of input ``name``."""
     return [
         {name: calibration[i : i + CALIBRATION_BATCH]}
         for i in range(0, len(calibration), CALIBRATION_BATCH)
@@ -44,7 +50,9 @@ def quantize_int8(src: Path, dst: Path, batches: Sequence[Mapping[str, np.ndarra
     Per-channel weights and symmetric activations and weights (zero point 0): TensorRT
     only accepts symmetric Q/DQ, and a Q/DQ model is what TensorRT 11 needs for int8.
     Softmax stays in float: quantizing ``probabilities`` to 8 bits would cost resolution
-    and buys no speed.
+    and buys no speed, and so do the rest of the graph's ends (``float_ends``): a tabular
+    input's NaN would make its MinMax range NaN, and a regressor's prediction in target
+    units needs more than 255 steps.
     """
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -64,8 +72,6 @@ def quantize_int8(src: Path, dst: Path, batches: Sequence[Mapping[str, np.ndarra
 
     import onnx
 
-    model = onnx.load(str(src))
-    softmax = [n.name for n in model.graph.node if n.op_type == "Softmax"]
     with tempfile.TemporaryDirectory() as tmp, _quiet():
         pre = Path(tmp) / "pre.onnx"
         # ONNX's own shape inference, which quant_pre_process runs after its optimiser, is
@@ -76,6 +82,11 @@ def quantize_int8(src: Path, dst: Path, batches: Sequence[Mapping[str, np.ndarra
         # its Flatten Reshape untyped and _infer_Reshape raised a TypeError. seed_cnn and
         # mlp quantize to byte-identical graphs either way.
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        # Nodes are picked by name after the optimiser has run, which may fuse and rename.
+        model = onnx.load(str(pre))
+        name_nodes(model.graph)
+        onnx.save(model, str(pre))
+        softmax = [n.name for n in model.graph.node if n.op_type == "Softmax"]
         quantize_static(
             str(pre),
             str(dst),
@@ -85,7 +96,7 @@ def quantize_int8(src: Path, dst: Path, batches: Sequence[Mapping[str, np.ndarra
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
-            nodes_to_exclude=softmax,
+            nodes_to_exclude=sorted({*softmax, *float_ends(model.graph)}),
             # Float biases: TensorRT fuses them itself and has no int32 DequantizeLinear.
             extra_options={
                 "ActivationSymmetric": True,
@@ -202,7 +213,8 @@ def _prune_initializers(graph: Any) -> None:
 
 @step("fp16 conversion")
 def convert_fp16(src: Path, dst: Path) -> None:
-    """fp16 weights and activations, the inputs' and outputs' types kept.
+    """fp16 weights and activations between the first and the last heavy layer, the
+    inputs' and outputs' types kept; the graph's ends stay fp32 (``float_ends``).
 
     onnxconverter-common mistypes two spots of our graphs (seen with 1.16): a Cast to float
     (the input's uint8 -> float, a mask's int64 -> float) keeps ``to=FLOAT`` while its
@@ -217,16 +229,140 @@ def convert_fp16(src: Path, dst: Path) -> None:
 
     model = onnx.load(str(src))
     graph = model.graph
+    name_nodes(graph)
     output_types = {o.name: o.type.tensor_type.elem_type for o in graph.output}
-    blocked = [
+    blocked = {
         n.name
         for n in graph.node
         if (n.op_type == "Cast" and _casts_to_float(n)) or any(i in output_types for i in n.input)
-    ]
+    }
+    blocked |= set(float_ends(graph))
+    kept = _read_only_by(graph, blocked)
     with _quiet():
-        half = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=blocked)
+        half = float16.convert_float_to_float16(
+            model, keep_io_types=True, node_block_list=sorted(blocked)
+        )
     _restore_output_types(half, output_types)
+    _restore_initializers(half.graph, kept)
+    _drop_round_trips(half.graph, blocked)
     onnx.save(half, str(dst))
+
+
+def _drop_round_trips(graph: Any, blocked: set[str]) -> None:
+    """Let fp32 nodes read each other's outputs directly.
+
+    The converter wraps every blocked node in casts, to fp16 after it and back to fp32
+    before the next, and removes such a pair only when one cast follows the other alone:
+    a value read by several fp32 nodes (the NaN-filled features, read by each column's
+    slice) went through fp16 on the way and an income of 80 000 came out infinite.
+    """
+    producer = {out: node for node in graph.node for out in node.output}
+    outputs = {o.name for o in graph.output}
+    renamed = {}
+    for cast in (n for n in graph.node if n.op_type == "Cast" and _casts_to_float(n)):
+        half = producer.get(cast.input[0])
+        origin = None if half is None or half.op_type != "Cast" else producer.get(half.input[0])
+        if origin is not None and origin.name in blocked and cast.output[0] not in outputs:
+            renamed[cast.output[0]] = half.input[0]
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            node.input[index] = renamed.get(name, name)
+    _drop_unread_casts(graph)
+
+
+def _drop_unread_casts(graph: Any) -> None:
+    """Remove casts whose output nobody reads (and their value_info), until none is left."""
+    while True:
+        read = {name for node in graph.node for name in node.input}
+        read |= {o.name for o in graph.output}
+        unread = [n for n in graph.node if n.op_type == "Cast" and not set(n.output) & read]
+        if not unread:
+            break
+        for node in unread:
+            graph.node.remove(node)
+    produced = {name for node in graph.node for name in node.output}
+    for info in [v for v in graph.value_info if v.name not in produced]:
+        graph.value_info.remove(info)
+
+
+def _read_only_by(graph: Any, nodes: set[str]) -> dict[str, Any]:
+    """Copies of the float initializers that only ``nodes`` read."""
+    readers: dict[str, set[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.name)
+    return {
+        i.name: type(i).FromString(i.SerializeToString())
+        for i in graph.initializer
+        if i.data_type == 1 and i.name in readers and readers[i.name] <= nodes
+    }
+
+
+def _restore_initializers(graph: Any, kept: dict[str, Any]) -> None:
+    """Put back the fp32 initializers of nodes kept in fp32, and drop their casts.
+
+    onnxconverter-common 1.16 halves every initializer, also those only blocked nodes read
+    (the cast it puts in front of a blocked node renames the input it checks), and clamps
+    them to +-1e4 first: a target mean of 150 000 came back as 10 000.
+    """
+    for initializer in graph.initializer:
+        if initializer.name in kept:
+            initializer.CopyFrom(kept[initializer.name])
+    casts = [n for n in graph.node if n.op_type == "Cast" and n.input[0] in kept]
+    renamed = {n.output[0]: n.input[0] for n in casts if _casts_to_float(n)}
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            node.input[index] = renamed.get(name, name)
+    for node in [n for n in casts if n.output[0] in renamed]:
+        graph.node.remove(node)
+
+
+def float_ends(graph: Any) -> list[str]:
+    """Names of the nodes before the first heavy layer (HEAVY_OPS, or an embedding's
+    Gather) and after the last one: what reduced-precision variants keep in float.
+
+    Those ends see raw inputs and produce what a server returns, in their own units: a
+    tabular income of 80 000 or a regressor's price of 150 000 overflows fp16 (largest
+    value 65 504) and loses its last digits below that, and int8's 255 steps over a
+    prediction's range cost more than the model's error. They are a few element-wise ops
+    (NaN fill, standardisation, one-hot, softmax, ``* target_std + target_mean``), cheap
+    in fp32; nodes must be in topological order, as onnx.checker requires.
+    """
+    nodes = list(graph.node)
+    weights = {i.name for i in graph.initializer if i.data_type == 1}  # float tensors
+    heavy = [
+        n.op_type in HEAVY_OPS or (n.op_type == "Gather" and n.input[0] in weights) for n in nodes
+    ]
+    after = _reaches(nodes, heavy, reverse=False)
+    before = _reaches(nodes, heavy, reverse=True)
+    return [n.name for n, a, b in zip(nodes, after, before, strict=True) if not (a and b)]
+
+
+def _reaches(nodes: list[Any], heavy: list[bool], reverse: bool) -> list[bool]:
+    """Per node: it is heavy or reads (``reverse``: feeds) a heavy node's output, at any
+    distance."""
+    found = list(heavy)
+    marked: set[str] = set()  # tensors downstream (reverse: upstream) of a heavy node
+    order = range(len(nodes) - 1, -1, -1) if reverse else range(len(nodes))
+    for i in order:
+        near, far = (
+            (nodes[i].output, nodes[i].input) if reverse else (nodes[i].input, nodes[i].output)
+        )
+        found[i] = found[i] or any(name in marked for name in near)
+        if found[i]:
+            marked.update(far)
+    return found
+
+
+def name_nodes(graph: Any) -> None:
+    """Give unnamed nodes a unique name: the converter and the quantizer select by name."""
+    taken = {n.name for n in graph.node}
+    for index, node in enumerate(graph.node):
+        if not node.name:
+            node.name = f"tensorferry_{index}"
+            while node.name in taken:
+                node.name += "_"
+            taken.add(node.name)
 
 
 def _casts_to_float(node: Any) -> bool:

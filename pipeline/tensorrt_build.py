@@ -2,12 +2,13 @@
 
 The decisions are pure functions, tested on CPU: which ONNX variant and builder flags give
 a precision on each TensorRT major (10: weak typing with FP16/INT8 flags; 11: strongly
-typed only, so precision comes from the fp16 or Q/DQ int8 ONNX), the profile shapes (a
-sequence model's over the batch and the length of every input), the sidecar, and the
-one-line errors for a missing TensorRT, GPU or cuda-python. The build
-(``build_serialized``) needs both and is tested on GPU hosts only (``pytest -m tensorrt``;
-``scripts/gpu-check``); the built plan is run by the server's own runner
-(serving/trt_backend.py), so the stage measures what will be served.
+typed only, so precision comes from the fp16 or Q/DQ int8 ONNX; tabular models and
+regressors take their fp16 from the fp16 ONNX on 10.x too), the profile shapes (an image
+or tabular model's over the batch, a sequence model's over the batch and the length of
+every input), the sidecar, and the one-line errors for a missing TensorRT, GPU or
+cuda-python. The build (``build_serialized``) needs both and is tested on GPU hosts only
+(``pytest -m tensorrt``; ``scripts/gpu-check``); the built plan is run by the server's
+own runner (serving/trt_backend.py), so the stage measures what will be served.
 
 The plan stays a pure TensorRT plan: a header in front of it would make TensorRT reject
 it ("Magic tag does not match"), so everything else goes into ``<plan>.json``.
@@ -25,7 +26,7 @@ from pipeline.artifacts import atomic_path
 from pipeline.errors import StageError
 from pipeline.params import EngineParams
 from serving.compat import EngineError
-from serving.contract import ModelContract, SequencePreprocessing
+from serving.contract import REGRESSION, ModelContract, SequencePreprocessing
 from serving.trt_backend import TRT_DATATYPES, cuda_runtime
 
 TENSORRT_MISSING = (
@@ -57,7 +58,18 @@ def check_batches(min_batch: int, opt_batch: int, max_batch: int) -> None:
         )
 
 
+def fixed_input_shape(contract: ModelContract) -> tuple[int, ...]:
+    """The one input of an image ([C, H, W]) or tabular ([F]) model, batch excluded."""
+    if contract.image is not None:
+        return tuple(contract.image.shape)
+    if contract.tabular is not None:
+        return (len(contract.tabular.columns),)
+    raise StageError(f"{contract.model_name} has no image or tabular input")
+
+
 def profile_shapes(input_shape: tuple[int, ...], params: EngineParams) -> Profile:
+    """The batch from params, every other dim fixed: [N, C, H, W] images, [N, F] tabular
+    features (a tabular model's F is its column count, never dynamic)."""
     check_batches(params.min_batch, params.opt_batch, params.max_batch)
     shape = tuple(input_shape)
     return Profile(
@@ -116,23 +128,45 @@ class BuildPlan:
     accepts: tuple[str, ...]  # ONNX precisions this build can start from
 
 
-def plan_build(major: int, precision: str) -> BuildPlan:
+def plan_build(major: int, precision: str, typed_fp16: bool = False) -> BuildPlan:
     """How to get ``precision`` out of TensorRT ``major``.
 
     10.x: weak typing; fp16 is the fp32 ONNX plus BuilderFlag.FP16 (TensorRT picks per
     layer), int8 needs the Q/DQ ONNX plus BuilderFlag.INT8 (we never use the deprecated
     implicit calibrators). 11.x removed those flags: the network is strongly typed, so the
     ONNX must already be in the precision (fp16 variant, Q/DQ int8 variant).
+    ``typed_fp16`` (see ``typed_fp16``): fp16 on 10.x too comes from the fp16 variant in
+    a strongly typed network, as on 11.x.
     """
     if major < 10:
         raise StageError(f"TensorRT {major}.x is not supported; install TensorRT 10 or 11")
-    if major >= 11:
+    if major >= 11 or (typed_fp16 and precision == "fp16"):
         return BuildPlan(precision, precision, (), True, (precision,))
     if precision == "fp16":
         return BuildPlan("fp16", "fp32", ("FP16",), False, ("fp32", "fp16"))
     if precision == "int8":
         return BuildPlan("int8", "int8", ("INT8",), False, ("int8",))
     return BuildPlan("fp32", "fp32", (), False, ("fp32",))
+
+
+def typed_fp16(contract: ModelContract) -> bool:
+    """Whether an fp16 engine must keep the fp16 variant's fp32 ends (quantize.float_ends).
+
+    With BuilderFlag.FP16 TensorRT 10 may run any layer in fp16, and a tabular model's raw
+    inputs (an income of 80 000) or a regressor's prediction in target units (a price of
+    150 000) overflow fp16's 65 504. A strongly typed network built from the fp16 variant
+    runs those ends in fp32, as the ONNX says.
+    """
+    return contract.tabular is not None or contract.task == REGRESSION
+
+
+def network_flags(trt: Any, plan: BuildPlan) -> int:
+    """``create_network``'s flags: 0 is an explicit-batch, weakly typed network on 10.x;
+    a strongly typed plan on 10.x asks for STRONGLY_TYPED (11.x is strongly typed
+    regardless and deprecates the flag, so it is left out there)."""
+    if not plan.strongly_typed or major_version(trt.__version__) >= 11:
+        return 0
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
 
 def check_source(plan: BuildPlan, onnx_precision: str, onnx_path: Path, major: int) -> None:
@@ -147,13 +181,23 @@ def check_source(plan: BuildPlan, onnx_precision: str, onnx_path: Path, major: i
     )
 
 
-def check_int8_form(op_types: set[str], onnx_path: Path) -> None:
+SEQUENCE_INT8_FIX = "export with export.sequence_int8=static for a Q/DQ int8 model"
+# pipeline/export.py's TABULAR_INT8: a tabular model's int8 variant is always dynamic.
+TABULAR_INT8_FIX = "a tabular model's int8 variant is dynamic; build engine.precision=fp16"
+
+
+def int8_fix(contract: ModelContract) -> str:
+    """What to do about a dynamically quantized int8 ONNX of this model."""
+    return TABULAR_INT8_FIX if contract.tabular is not None else SEQUENCE_INT8_FIX
+
+
+def check_int8_form(op_types: set[str], onnx_path: Path, fix: str = SEQUENCE_INT8_FIX) -> None:
     """TensorRT builds int8 from Q/DQ only; dynamic quantization's integer ops it cannot parse."""
     dynamic = sorted(op_types & {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"})
     if dynamic:
         raise StageError(
             f"{onnx_path.name} is dynamically quantized ({', '.join(dynamic)}), which TensorRT "
-            "cannot build; export with export.sequence_int8=static for a Q/DQ int8 model"
+            f"cannot build; {fix}"
         )
 
 
@@ -277,8 +321,7 @@ def build_serialized(
     """Parse, configure and build; returns the plan bytes and the network's I/O specs."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    # 10.x: 0 is an explicit-batch, weakly typed network; 11.x is strongly typed regardless.
-    network = builder.create_network(0)
+    network = builder.create_network(network_flags(trt, plan))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]

@@ -1,5 +1,6 @@
-"""What image and sequence exports share: the ONNX checks, the exporter's silence, and the
-reduced-precision variants with their accuracy gate."""
+"""What every export shares: the ONNX checks, the exporter's silence, and the
+reduced-precision variants with their gates (accuracy for classifiers, RMSE for
+regressors)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from pipeline import onnx_tools
 from pipeline.errors import StageError, step
-from serving.contract import ModelContract
+from serving.contract import ContractError, ModelContract, check_io
 
 Builder = Callable[[Path, Path], None]  # fp32 ONNX path -> variant path
 
@@ -29,6 +30,14 @@ def check_onnx(path: Path) -> None:
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise StageError(f"{path.name} fails onnx.checker: {first}") from None
+
+
+def check_graph_io(path: Path, contract: ModelContract) -> None:
+    """The graph must take what its contract says a server will send (serving's own check)."""
+    try:
+        check_io(contract, onnx_tools.signature(onnx_tools.session(path)), path.name)
+    except ContractError as exc:
+        raise StageError(str(exc)) from None
 
 
 def save(proto: Any, path: Path) -> None:
@@ -58,7 +67,7 @@ def check_accuracy_drops(variants: dict[str, dict[str, Any]], max_drop: float) -
     over = [
         f"{name} {report['accuracy']:.2%} ({report['accuracy_drop_pp']:+.2f} pp)"
         for name, report in variants.items()
-        if report["accuracy_drop_pp"] > max_drop
+        if not report["accuracy_drop_pp"] <= max_drop
     ]
     if over:
         raise StageError(
@@ -80,6 +89,36 @@ def variant_report(
         "accuracy_drop_pp": round((fp32_accuracy - accuracy) * 100, 6),
         "top1_agreement_fp32": onnx_tools.agreement(logits, fp32_logits),
         "max_abs_logit_diff_fp32": float(np.abs(logits - fp32_logits).max()),
+    }
+
+
+def check_rmse_increases(variants: dict[str, dict[str, Any]], max_increase: float) -> None:
+    """Fail when any variant's test RMSE is more than ``max_increase`` percent above fp32's."""
+    fp32 = variants["fp32"]["rmse"]
+    over = [
+        f"{name} rmse {report['rmse']:.4g} ({report['rmse_increase_pct']:+.2f} %)"
+        for name, report in variants.items()
+        if not report["rmse_increase_pct"] <= max_increase  # NaN fails too
+    ]
+    if over:
+        raise StageError(
+            f"test RMSE above fp32's {fp32:.4g} by more than export.max_rmse_increase "
+            f"{max_increase:g} % (limit {fp32 * (1 + max_increase / 100):.4g}): {', '.join(over)}"
+        )
+
+
+def regression_report(
+    path: Path, predictions: np.ndarray, fp32_predictions: np.ndarray, targets: np.ndarray
+) -> dict[str, Any]:
+    metrics = onnx_tools.regression_metrics(predictions, targets)
+    fp32_rmse = onnx_tools.regression_metrics(fp32_predictions, targets)["rmse"]
+    return {
+        "file": path.name,
+        "bytes": path.stat().st_size,
+        **metrics,
+        # Percent of fp32's RMSE; positive means worse. Rounded so 0.0 prints as 0.0.
+        "rmse_increase_pct": round(onnx_tools.percent_increase(metrics["rmse"], fp32_rmse), 6),
+        "max_abs_diff_fp32": float(np.abs(predictions - fp32_predictions).max()),
     }
 
 

@@ -22,8 +22,11 @@ from pipeline.dataset import load_meta
 from pipeline.errors import StageError
 from pipeline.models import Classifier
 from pipeline.params import ExportParams, load_with_overrides
+from pipeline.variants import check_accuracy_drops
 from serving.contract import KEY_GIT_REVISION, ImagePreprocessing, ModelContract
 from tests.pipeline.export_fixtures import CLASS_NAMES, SHAPE, shared_export
+
+PARITY_PARAMS = ExportParams(batch_size=32)
 
 
 @pytest.fixture(scope="module")
@@ -121,10 +124,14 @@ def test_int8_is_symmetric_per_channel_qdq(shared):
     assert not any(n.input[0] == softmax.output[0] for n in quantize), "probabilities stay float"
 
 
-def test_fp16_holds_half_precision_weights(shared):
+def test_fp16_holds_half_precision_weights_and_fp32_preprocessing(shared):
     model = onnx.load(str(shared.variant("fp16")))
-    types = {i.data_type for i in model.graph.initializer if len(i.dims) == 4}
-    assert types == {onnx.TensorProto.FLOAT16}
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    weights = {types[n.input[1]] for n in model.graph.node if n.op_type in ("Conv", "Gemm")}
+    assert weights == {onnx.TensorProto.FLOAT16}
+    # The normalisation before the first conv stays fp32 (quantize.float_ends).
+    stats = {types[n.input[1]] for n in model.graph.node if n.op_type in ("Sub", "Div")}
+    assert stats == {onnx.TensorProto.FLOAT}
 
 
 # Parity
@@ -142,10 +149,11 @@ def perturbed_copy(src: Path, dst: Path, delta: float) -> Path:
 def test_parity_fails_with_figures_for_a_perturbed_onnx(shared, torch_model, tmp_path):
     broken = perturbed_copy(shared.variant("fp32"), tmp_path / "broken.onnx", 0.05)
     x = np.load(shared.data_dir / "test.npz")["x"]
-    parity, _ = export.measure_parity(torch_model, broken, x, batch_size=32)
+    contract = onnx_tools.read_contract(shared.variant("fp32"))
+    parity = export.measure_parity(torch_model, broken, x, PARITY_PARAMS, contract).parity
     assert parity.max_abs_logit_diff > 1e-4
     with pytest.raises(StageError, match=r"parity check failed on 90 test images: max \|logit"):
-        export.require_parity(parity, atol=1e-4)
+        parity.require()
 
 
 class DivergentClassifier(Classifier):
@@ -166,9 +174,9 @@ def test_parity_catches_a_graph_that_diverges_from_torch(shared, tmp_path):
     contract = onnx_tools.read_contract(shared.variant("fp32"))
     export.export_onnx(model, tmp_path / "divergent.onnx", 18, contract)
     x = np.load(shared.data_dir / "test.npz")["x"]
-    parity, _ = export.measure_parity(model, tmp_path / "divergent.onnx", x, batch_size=32)
+    measured = export.measure_parity(model, tmp_path / "divergent.onnx", x, PARITY_PARAMS, contract)
     with pytest.raises(StageError, match="parity check failed"):
-        export.require_parity(parity, atol=1e-4)
+        measured.parity.require()
 
 
 def test_accuracy_drop_above_the_limit_fails_naming_the_variant():
@@ -178,9 +186,9 @@ def test_accuracy_drop_above_the_limit_fails_naming_the_variant():
         "fp16": {"accuracy": 0.98, "accuracy_drop_pp": 0.0},
     }
     with pytest.raises(StageError) as error:
-        export.check_accuracy_drops(variants, max_drop=1.0)
+        check_accuracy_drops(variants, max_drop=1.0)
     assert "int8 96.50% (+1.50 pp)" in str(error.value) and "fp16" not in str(error.value)
-    export.check_accuracy_drops(variants, max_drop=1.5)
+    check_accuracy_drops(variants, max_drop=1.5)
 
 
 # Bad input: one line, nothing written

@@ -13,7 +13,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from pipeline import export_sequence, onnx_tools, quantize, variants
+from pipeline import export_sequence, export_tasks, onnx_tools, quantize, variants
 from pipeline.dataset import TOKENIZER_FILE, load_meta, load_split
 from pipeline.errors import StageError
 from pipeline.params import ExportParams
@@ -195,7 +195,7 @@ def test_a_bidirectional_gru_exports_with_auto_and_runs_in_fp16(text, tmp_path):
 
 def static_length_export(model, meta, path):
     """A legacy export whose length is fixed: what a baked-in length looks like to ORT."""
-    module = export_sequence.SequenceExportModule(model).eval()
+    module = export_tasks.CLASSIFICATION.module(model)
     example = export_sequence.example_inputs(meta, meta.input_shape[-1])
     buffer = io.BytesIO()
     names = ["input_ids", "attention_mask"]
@@ -218,7 +218,7 @@ def test_a_graph_with_a_baked_length_fails_the_gate_naming_the_probe(text, tmp_p
     baked = static_length_export(text.model, meta, tmp_path / "baked.onnx")
     test = load_split("test", text.data_dir)
     with pytest.raises(StageError, match=r"at sequence length \d+, batch \d+: the length may be"):
-        export_sequence.measure_parity(text.model, baked, "text", test, 256)
+        export_sequence.measure_parity(text.model, baked, "text", test, ExportParams())
     # At the full length it runs: only the probes at other lengths can catch it.
     full = onnx_tools.sequence_feeds("text", test.x, test.lengths, TEXT_LENGTH)
     runner = export_sequence.onnx_runner(baked)
@@ -233,11 +233,14 @@ def test_parity_fails_with_figures_for_a_perturbed_graph(text, tmp_path):
     weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) + 0.05, weight.name))
     onnx.save(model, str(tmp_path / "perturbed.onnx"))
     test = load_split("test", text.data_dir)
-    parity, _ = export_sequence.measure_parity(
-        text.model, tmp_path / "perturbed.onnx", "text", test, 32
+    params = ExportParams(batch_size=32)
+    measured = export_sequence.measure_parity(
+        text.model, tmp_path / "perturbed.onnx", "text", test, params
     )
-    with pytest.raises(StageError, match=r"failed on 72 test sequences: max \|logit diff\|"):
-        export_sequence.require_parity(parity, 1e-4)
+    with pytest.raises(
+        StageError, match=r"failed on 72 test sequences: max \|logit diff\| .*; worst probe: "
+    ):
+        measured.parity.require()
 
 
 def test_probe_lengths_stay_within_the_maximum():
