@@ -273,7 +273,9 @@ def export_model(
         meta = load_meta(data_dir)
         check_data_matches(checkpoint, meta, data_dir)
     contract = make_contract(
-        checkpoint.spec.name,
+        # A user factory's "package.module:factory" becomes "package.module.factory": the
+        # served name goes into URLs, where the server allows letters, digits, _ . and -.
+        checkpoint.spec.name.replace(":", "."),
         meta,
         params,
         data_dir,
