@@ -1,0 +1,1 @@
+"""Worked examples of a user's own model factory and data loader (see README.md)."""
