@@ -14,7 +14,7 @@ engine) in a scratch directory with its own params.yaml; the baselines are fitte
 run's prepared train split (the rows the mlp fits) and scored on its test split.
 
 Usage:
-  python benchmarks/bench_tabular.py accuracy [--runs 5]
+  python benchmarks/bench_tabular.py accuracy [--runs 5] [--first-seed 5]
   python benchmarks/bench_tabular.py serving [--runs 3] [--seconds 10]
 Prints Markdown tables with the machine and versions; quote medians.
 """
@@ -36,11 +36,17 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_sequences import machine, run_pipeline  # noqa: E402
 
-# The README's commands: the defaults but for the data set.
+# The README's commands. Their settings were picked from a dozen tried on splits 0-4
+# (data.seed); the figures quoted come from splits 5-9, which none of the picking saw.
+CLASSIFIER = {
+    "model": {"name": "mlp", "dropout": 0.5},
+    "train": {"epochs": 30, "optimizer": "adamw", "weight_decay": 0.05, "label_smoothing": 0.1},
+}
+REGRESSOR = {"model": {"name": "mlp", "hidden": [64], "dropout": 0.5}, "train": {"epochs": 50}}
 SETS = {
-    "wine": "classification",
-    "breast_cancer": "classification",
-    "diabetes": "regression",
+    "wine": ("classification", CLASSIFIER),
+    "breast_cancer": ("classification", CLASSIFIER),
+    "diabetes": ("regression", REGRESSOR),
 }
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -86,10 +92,10 @@ def scores(task: str, y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float
 
 
 def one_run(dataset: str, seed: int, workdir: Path) -> dict[str, dict[str, float]]:
-    params = {"data": {"source": "tabular", "dataset": dataset, "seed": seed}}
+    task, settings = SETS[dataset]
+    params = {"data": {"source": "tabular", "dataset": dataset, "seed": seed}, **settings}
     result = run_pipeline(params, workdir)
     metrics = result["metrics"]
-    task = SETS[dataset]
     mlp = (
         {"accuracy": metrics["accuracy"]}
         if task == "classification"
@@ -107,15 +113,19 @@ def medians(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, floa
 
 
 @app.command()
-def accuracy(runs: Annotated[int, typer.Option(help="Splits (data.seed) per set.")] = 5) -> None:
+def accuracy(
+    runs: Annotated[int, typer.Option(help="Splits (data.seed) per set.")] = 5,
+    first_seed: Annotated[int, typer.Option(help="data.seed of the first split.")] = 5,
+) -> None:
     """The mlp against logistic/linear regression and gradient boosting per set."""
     print(machine())
     print()
     print("| set | model | test accuracy | test R^2 | test RMSE | mlp >= linear in | pipeline |")
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as scratch:
-        for dataset, task in SETS.items():
-            results = [one_run(dataset, s, Path(scratch) / f"{dataset}-{s}") for s in range(runs)]
+        for dataset, (task, _) in SETS.items():
+            seeds = range(first_seed, first_seed + runs)
+            results = [one_run(dataset, s, Path(scratch) / f"{dataset}-{s}") for s in seeds]
             key = "accuracy" if task == "classification" else "r2"
             linear = next(m for m in results[0] if m.endswith("regression"))
             wins = sum(r["mlp"][key] >= r[linear][key] for r in results)
@@ -180,7 +190,8 @@ def serving(
     print()
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
-        run_pipeline({"data": {"source": "tabular", "dataset": "breast_cancer"}}, folder / "run")
+        data = {"data": {"source": "tabular", "dataset": "breast_cancer"}}
+        run_pipeline({**data, **CLASSIFIER}, folder / "run")
         model = folder / "run" / "models" / "engine" / "model.optimized.onnx"
         features = 30
         proc, url = bench.start_server(model, threads, max(LOADS))

@@ -188,7 +188,7 @@ def train(model: nn.Module, data_dir: Path, steps: int = 80) -> nn.Module:
 def export_standin(
     model: nn.Module, name: str, data_dir: Path, out: Path, params: ExportParams
 ) -> dict[str, Any]:
-    """The export stage's sequence path on a built model, as export_model runs it."""
+    """The export stage on a built model (any kind), as export_model runs it."""
     from pipeline.dataset import load_meta
     from pipeline.export import export_built, make_contract
 

@@ -44,6 +44,7 @@ from pipeline.dataset import (
     save_split,
 )
 from pipeline.params import ExportParams
+from tests.pipeline.export_sequence_fixtures import export_standin
 
 CLASS_NAMES = ("low", "mid", "high")
 SIZES = {"train": 600, "val": 60, "test": 300}
@@ -332,18 +333,6 @@ def _fit(
 
 
 # The stage on a built model
-
-
-def export_standin(
-    model: nn.Module, name: str, data_dir: Path, out: Path, params: ExportParams
-) -> dict[str, Any]:
-    """The export stage on a built model, as export_model runs it after checkpoint.build()."""
-    from pipeline.dataset import load_meta
-    from pipeline.export import export_built, make_contract
-
-    meta = load_meta(data_dir)
-    contract = make_contract(name, meta, params, data_dir, train_params_hash="test")
-    return export_built(model, meta, contract, params, data_dir, out, None)
 
 
 @dataclasses.dataclass(frozen=True)
